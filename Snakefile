@@ -1,0 +1,30 @@
+# DiCO reproduction pipeline: raw data -> features -> XE -> SCST / DiCO (+ ablations) -> captions
+# -> metrics -> LaTeX tables, figures and an HTML report.
+#   snakemake --cores all                    the embedded demo (config/config.yaml)
+#   snakemake --cores all --profile slurm    the paper on a SLURM GPU cluster (config/paper.yaml)
+#   snakemake --list-target-rules            one named target per table, figure and ablation
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_metrics(),
+        TABLES,
+        FIGURES,

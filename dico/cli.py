@@ -1,0 +1,362 @@
+"""`dico <step>`: every pipeline step runnable by hand; the Snakefile's rules call exactly these.
+
+Each step reads the settings it needs either from `--spec-json` (what the Snakefile passes: the
+resolved, validated slice of the config, see dico.config.*_spec) or from `--config FILE` (by hand;
+validated against the same schema). Paths of inputs and outputs are explicit arguments.
+
+    dico make-demo-data --out-dir results/data/demo
+    dico train --run xe --splits results/data/splits.json --features-train ... --out-model ...
+    dico evaluate --captions my_captions.json --refs dataset_coco.json --images coco/val2014 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import config as C
+
+log = logging.getLogger("dico")
+
+
+def _spec(args, make):
+    if args.spec_json:
+        return json.loads(args.spec_json)
+    return make(C.load(args.config))
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--config", default="config/config.yaml", help="config YAML (ignored with --spec-json)")
+    p.add_argument("--spec-json", help="resolved settings of this step (as the Snakefile passes them)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _device(name: str) -> str:
+    from .runtime import select_device
+
+    return select_device(name)
+
+
+# -- steps ---------------------------------------------------------------------------------------
+def cmd_make_demo_data(args):
+    from .demo import make_demo_data
+
+    s = _spec(args, C.demo_spec)
+    path = make_demo_data(args.out_dir, s["n_train"], s["n_val"], s["n_test"], s["image_size"], s["seed"],
+                          refs_per_image=s["refs_per_image"])
+    log.info("demo data written: %s", path)
+
+
+def cmd_prepare_splits(args):
+    from .data import normalise_karpathy
+
+    counts = normalise_karpathy(args.karpathy_json, args.image_root, args.out, max_refs=args.max_refs)
+    log.info("splits: %s -> %s", counts, args.out)
+
+
+def cmd_train_clip(args):
+    from .data import load_split
+    from .demo import perturb_caption
+    from .evaluator import tiny_clip_config, train_tiny_clip
+    from .runtime import configure
+
+    s = _spec(args, lambda c: C.clip_model_spec(c, args.name))
+    t = s["train"]
+    configure(t["seed"], True, args.threads)
+    cfg = tiny_clip_config(embed_dim=t["embed_dim"], image_size=s["image_size"], patch_size=t["patch_size"],
+                           vision_width=t["vision_width"], vision_layers=t["vision_layers"],
+                           text_width=t["text_width"], text_layers=t["text_layers"],
+                           context_length=t["context_length"])
+    stats = train_tiny_clip(load_split(args.splits, "train"), cfg, args.out, steps=t["steps"],
+                            batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
+                            hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info)
+    log.info("demo CLIP model %s written to %s: %s", s["name"], args.out, stats)
+
+
+def _load_clip(spec: dict, path: str | None = None, device: str = "cpu"):
+    from .evaluator import load_evaluator
+
+    return load_evaluator(path or spec["path"], format=spec.get("format", "openai"), arch=spec.get("arch"),
+                          device=device)
+
+
+def cmd_cache_features(args):
+    from .data import load_split
+    from .features import cache_features
+    from .runtime import configure
+
+    s = _spec(args, C.features_spec)
+    configure(0, True, args.threads)
+    device = _device(s["model"]["device"])
+    evaluator = _load_clip(s["model"], args.checkpoint, device)
+    index = cache_features(evaluator, s["backbone"], args.checkpoint or s["model"]["path"],
+                           load_split(args.splits, args.split), args.split, args.out_dir,
+                           shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"],
+                           num_workers=s["num_workers"], skip_broken=s["skip_broken_images"], device=device,
+                           log=log.info)
+    log.info("features %s/%s: %d images, %dx%d %s in %.1fs", s["backbone"], args.split, index["n_images"],
+             index["tokens"], index["dim"], index["dtype"], index["seconds"])
+
+
+def cmd_cache_embeddings(args):
+    import torch
+
+    from .data import load_split
+    from .evaluate import embed_images
+    from .io import torch_save
+    from .runtime import configure
+
+    s = _spec(args, lambda c: C.clip_model_spec(c, args.name))
+    configure(0, True, args.threads)
+    device = _device(s["device"])
+    evaluator = _load_clip(s, args.checkpoint, device)
+    records = load_split(args.splits, args.split)
+    t0 = time.time()
+    embs = embed_images(evaluator, [r.path for r in records], device=device, split=args.split)
+    torch_save({"model": s["name"], "split": args.split, "image_ids": [r.image_id for r in records],
+                "embeddings": embs.half() if device.startswith("cuda") else embs}, args.out)
+    log.info("image embeddings %s/%s: %s in %.1fs", s["name"], args.split, tuple(embs.shape), time.time() - t0)
+
+
+def _parse_named(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep:
+            raise SystemExit(f"--{what} expects NAME=PATH, got {v!r}")
+        out[name] = path
+    return out
+
+
+def _load_embeddings(path: str, records=None):
+    import torch
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if records is not None and blob["image_ids"] != [r.image_id for r in records]:
+        raise ValueError(f"{path}: image embeddings do not match the split's images; rerun cache_embeddings")
+    return blob["embeddings"].float()
+
+
+def cmd_train(args):
+    from .runtime import configure
+    from .train import train_finetune, train_xe
+
+    spec = _spec(args, lambda c: C.run_spec(c, args.run))
+    configure(spec["seed"], spec["deterministic"], args.threads)
+    device = _device(spec["device"])
+    features = {"train": args.features_train, "val": args.features_val}
+    out = dict(work_dir=args.work_dir or str(Path(args.out_model).parent / "work"),
+               out_model=args.out_model, out_log=args.out_log)
+    if spec["method"] == "xe":
+        return train_xe(spec, args.splits, features, device=device, log=log.info, **out)
+    if not args.init:
+        raise SystemExit(f"run {spec['run']} fine-tunes a model: pass --init <XE checkpoint>")
+    ckpts = _parse_named(args.clip_model, "clip-model")
+    embs = _parse_named(args.embeddings, "embeddings")
+    evaluators, image_embs = {}, {}
+    for name, mspec in spec["clip_models"].items():
+        evaluators[name] = _load_clip(mspec, ckpts.get(name), device)
+        image_embs[name] = {split: _load_embeddings(embs[f"{name}:{split}"]).to(device)
+                            for split in ("train", "val") if f"{name}:{split}" in embs}
+        if "val" not in image_embs[name]:
+            raise SystemExit(f"--embeddings {name}:val=PATH is required (validation scores with {name})")
+    train_finetune(spec, args.splits, features, args.init, evaluators=evaluators, image_embs=image_embs,
+                   device=device, log=log.info, **out)
+
+
+def cmd_generate(args):
+    from .data import load_split
+    from .io import write_json
+    from .runtime import configure
+    from .train import aligned_store, check_backbone, generate_captions, load_captioner
+
+    s = _spec(args, C.generate_spec)
+    configure(0, True, args.threads)
+    device = _device(s["device"])
+    model, tok, payload = load_captioner(args.model, device)
+    records = load_split(args.splits, args.split)
+    store = aligned_store(args.features, records, args.split)
+    check_backbone(payload, store, args.model)
+    dec = s["decoding"]
+    t0 = time.time()
+    caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
+                             max_len=dec["max_len"], batch_size=dec["batch_size"], device=device, amp=s["amp"],
+                             progress=True)
+    write_json(args.out, [{"image_id": r.image_id, "caption": c} for r, c in zip(records, caps)])
+    log.info("%d captions in %.1fs -> %s (e.g. %r)", len(caps), time.time() - t0, args.out, caps[0])
+
+
+def cmd_evaluate(args):
+    from .data import ImageRecord, load_split
+    from .evaluate import embed_images, load_captions, load_references, score
+    from .io import provenance, write_json
+    from .runtime import configure
+
+    t0 = time.time()
+    s = _spec(args, C.evaluate_spec)
+    if args.no_meteor:
+        s["meteor"] = False
+    configure(0, True, args.threads)
+    device = _device(s["device"])
+    captions = load_captions(args.captions)
+    if args.splits:
+        records = load_split(args.splits, args.split)
+        train_caps = [c for r in load_split(args.splits, "train") for c in r.captions]
+    else:  # outside the DAG: any references file + an image folder
+        if not (args.refs and args.images):
+            raise SystemExit("give --splits (inside the pipeline) or --refs FILE and --images DIR")
+        refs = load_references(args.refs, args.split)
+        ids = [i for i in captions if i in refs] if args.subset else list(refs)
+        records = [ImageRecord(i, _find_image(Path(args.images), i), tuple(refs[i])) for i in ids]
+        train_caps = []
+    ckpts, embs = _parse_named(args.clip_model, "clip-model"), _parse_named(args.embeddings, "embeddings")
+    evaluators, image_embs = {}, {}
+    for name, mspec in s["clip_models"].items():
+        evaluators[name] = _load_clip(mspec, ckpts.get(name), device)
+        image_embs[name] = (_load_embeddings(embs[name], records).to(device) if name in embs else
+                            embed_images(evaluators[name], [r.path for r in records], device=device,
+                                         split=args.split).to(device))
+    result = score(captions, records, s, evaluators, image_embs, train_caps)
+    m = result["metrics"]
+    write_json(args.out, {"run": args.run, "split": args.split, "captions": str(args.captions),
+                          "n_images": len(records), **result,
+                          "provenance": provenance(s, seed=None, device=device, wall_time_s=time.time() - t0,
+                                                   run_provenance=_run_provenance(args.model_checkpoint))})
+    log.info("%s/%s: %s", args.run, args.split,
+             ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in m.items()))
+
+
+def _run_provenance(checkpoint: str | None) -> dict | None:
+    """The training run's spec, seed and XE/best step, read from the captioner checkpoint."""
+    if not checkpoint:
+        return None
+    import torch
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    spec = payload.get("spec", {})
+    return {"checkpoint": checkpoint, "run": payload.get("run"), "seed": spec.get("seed"),
+            "best_step": payload.get("step"), "val": payload.get("val"), "spec": spec}
+
+
+def _find_image(root: Path, image_id: int) -> Path:
+    """COCO names images COCO_val2014_000000391895.jpg; accept that or <id>.jpg."""
+    for pattern in (f"*{image_id:012d}.jpg", f"{image_id}.jpg", f"{image_id:06d}.jpg"):
+        hits = sorted(root.rglob(pattern))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"no image for image_id {image_id} under {root} "
+                            f"(looked for *{image_id:012d}.jpg and {image_id}.jpg)")
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dico", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-demo-data", help="generate the embedded demo data set")
+    _common(p)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_make_demo_data)
+
+    p = sub.add_parser("prepare-splits", help="Karpathy-format file -> normalised split file")
+    _common(p)
+    p.add_argument("--karpathy-json", required=True)
+    p.add_argument("--image-root", required=True)
+    p.add_argument("--max-refs", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_prepare_splits)
+
+    p = sub.add_parser("train-clip", help="train a tiny demo CLIP model (backbone / reward / scorer)")
+    _common(p)
+    p.add_argument("--name", required=True, help="clip_models entry")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_train_clip)
+
+    p = sub.add_parser("cache-features", help="grid features of the frozen backbone for one split")
+    _common(p)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--checkpoint", help="backbone weights (default: clip_models.<backbone>.path)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_cache_features)
+
+    p = sub.add_parser("cache-embeddings", help="image embeddings of a CLIP model for one split")
+    _common(p)
+    p.add_argument("--name", required=True, help="clip_models entry")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_cache_embeddings)
+
+    p = sub.add_parser("train", help="train one run: xe, scst_<reward>, dico, dico_<ablation>-<value>")
+    _common(p)
+    p.add_argument("--run", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--features-train", required=True)
+    p.add_argument("--features-val", required=True)
+    p.add_argument("--init", help="XE checkpoint to fine-tune (scst/dico)")
+    p.add_argument("--clip-model", action="append", help="NAME=PATH of a clip_models checkpoint")
+    p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
+    p.add_argument("--work-dir", help="resumable state (default: <out-model dir>/work)")
+    p.add_argument("--out-model", required=True)
+    p.add_argument("--out-log", required=True)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="beam-search captions of one split (COCO result format)")
+    _common(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--features", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score a COCO-format captions file (in or outside the pipeline)")
+    _common(p)
+    p.add_argument("--captions", required=True, help='[{"image_id": ..., "caption": ...}, ...]')
+    p.add_argument("--split", default="test")
+    p.add_argument("--splits", help="normalised split file (pipeline)")
+    p.add_argument("--refs", help="references: Karpathy dataset_*.json, COCO captions_*.json or a split file")
+    p.add_argument("--images", help="image folder (with --refs)")
+    p.add_argument("--subset", action="store_true", help="score only the referenced images that have captions")
+    p.add_argument("--clip-model", action="append", help="NAME=PATH overriding clip_models.<NAME>.path")
+    p.add_argument("--embeddings", action="append", help="NAME=PATH of cached image embeddings of the split")
+    p.add_argument("--no-meteor", action="store_true")
+    p.add_argument("--run", default="external")
+    p.add_argument("--model-checkpoint", help="captioner checkpoint, for provenance")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_evaluate)
+
+    from . import report
+
+    report.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except C.ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        if os.environ.get("DICO_TRACEBACK"):
+            raise
+        log.error("%s: %s", type(e).__name__, e)
+        log.error("(set DICO_TRACEBACK=1 for the full traceback)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Configuration: schema validation with defaults, and the runs the config asks for.
+
+The schema (workflow/schemas/config.schema.yaml) is the single description of every key. Both the
+Snakefile and every `dico` command validate against it, so a typo fails at parse time with the key,
+the allowed values and the file, not an hour into a cluster job.
+
+Runs: `xe`; `scst_<reward>` per entry of scst.rewards; `dico`; and one `dico_<name>-<value>` per
+ablation value that differs from the dico default. `run_spec(config, run)` resolves one run to the
+settings it needs - only those, so that editing an unrelated key does not retrain it (Snakemake
+reruns a job when its params change).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+ABLATABLE = ("beta", "tau", "k", "reward")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def _validator():
+    from jsonschema import Draft202012Validator, validators
+
+    base = Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def fill_defaults(validator, properties, instance, sch):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, properties, instance, sch)
+
+    return validators.extend(base, {"properties": fill_defaults})(schema())
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Fill defaults in place and check the config; raise ConfigError naming key and fix."""
+    errors = sorted(_validator().iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: invalid configuration (schema: {SCHEMA.relative_to(REPO)})"]
+        for e in errors[:10]:
+            key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            lines.append(f"  - {key}: {_explain(e)}")
+        raise ConfigError("\n".join(lines))
+    _check_references(config, source)
+    return config
+
+
+def _explain(e) -> str:
+    if e.validator == "enum":
+        return f"{e.instance!r} is not allowed; choose one of {', '.join(map(repr, e.validator_value))}"
+    if e.validator == "additionalProperties":
+        allowed = sorted(e.schema.get("properties", {}))
+        extra = re.findall(r"'([^']+)' was unexpected", e.message) or [e.message]
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key {', '.join(map(repr, extra))}{hint}"
+    if e.validator == "required":
+        return e.message
+    return f"{e.message}"
+
+
+def _check_references(config: dict, source: str) -> None:
+    """Names that point into clip_models / rewards must exist."""
+    models, rewards = config.get("clip_models", {}), config.get("rewards", {})
+    problems = []
+
+    def need_model(key: str, name: str):
+        if name not in models:
+            problems.append(f"{key}: {name!r} is not a clip_models entry (have: {', '.join(models) or 'none'})")
+
+    need_model("features.backbone", config["features"]["backbone"])
+    for metric in ("clip_s", "pac_s"):
+        need_model(f"evaluate.{metric}.model", config["evaluate"][metric]["model"])
+    for name, r in rewards.items():
+        if r["type"] == "clip":
+            if "model" not in r:
+                problems.append(f"rewards.{name}: type clip needs a model")
+            else:
+                need_model(f"rewards.{name}.model", r["model"])
+    for key, names in [("scst.rewards", config["scst"]["rewards"]),
+                       ("dico.reward", [config["dico"]["reward"]]),
+                       ("ablations.reward", config["ablations"].get("reward", []))]:
+        for n in names:
+            if n not in rewards:
+                problems.append(f"{key}: {n!r} is not a rewards entry (have: {', '.join(rewards)})")
+    for name, m in models.items():
+        if m["source"] == "demo" and config["data"]["source"] != "demo":
+            problems.append(f"clip_models.{name}: source demo needs data.source demo")
+        if m["source"] == "file" and not m.get("path"):
+            problems.append(f"clip_models.{name}: source file needs a path (where the checkpoint is or will be downloaded)")
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        config = deep_merge(config, overrides)
+    return validate(config, str(path))
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def ablation_runs(config: dict) -> dict[str, dict[str, str]]:
+    """{ablation name: {formatted value: run name}}, the default value mapping to 'dico'."""
+    out = {}
+    for name, values in config["ablations"].items():
+        default = config["dico"][name]
+        out[name] = {_fmt(v): ("dico" if v == default else f"dico_{name}-{_fmt(v)}") for v in values}
+    return out
+
+
+def runs(config: dict) -> list[str]:
+    """Every training run the config asks for, in DAG order."""
+    names = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
+    for points in ablation_runs(config).values():
+        names += [r for r in points.values() if r not in names]
+    return names
+
+
+def run_spec(config: dict, run: str) -> dict:
+    """Everything run `run` needs (and nothing else), with its method-specific settings merged."""
+    common = {"run": run, "seed": config["seed"], "device": config["device"],
+              "deterministic": config["deterministic"], "model": config["model"],
+              "decoding": config["decoding"], "train": config["train"]}
+    if run == "xe":
+        return {**common, "method": "xe", "xe": config["xe"]}
+    if run.startswith("scst_"):
+        reward = run[len("scst_"):]
+        if reward not in config["scst"]["rewards"]:
+            raise ConfigError(f"run {run!r}: {reward!r} is not in scst.rewards {config['scst']['rewards']}")
+        return _with_clip_models(config, {
+            **common, "method": "scst", "scst": {**config["scst"], "reward": reward},
+            "reward": config["rewards"][reward], "selection": _selection_metrics(config)})
+    if run == "dico" or run.startswith("dico_"):
+        settings = dict(config["dico"])
+        if run != "dico":
+            name, _, value = run[len("dico_"):].partition("-")
+            points = ablation_runs(config).get(name, {})
+            if value not in points:
+                raise ConfigError(f"run {run!r} is not in the ablation grid (ablations.{name}: "
+                                  f"{list(points) or 'not configured'})")
+            settings[name] = yaml.safe_load(value) if name != "reward" else value
+        return _with_clip_models(config, {
+            **common, "method": "dico", "dico": settings,
+            "reward": config["rewards"][settings["reward"]], "selection": _selection_metrics(config)})
+    raise ConfigError(f"unknown run {run!r}; runs of this config: {', '.join(runs(config))}")
+
+
+def _selection_metrics(config: dict) -> dict:
+    """What fine-tuning validation needs to compute CLIP-S/PAC-S the way `evaluate` does."""
+    return {"clip_s": config["evaluate"]["clip_s"], "pac_s": config["evaluate"]["pac_s"]}
+
+
+def _with_clip_models(config: dict, spec: dict) -> dict:
+    spec["clip_models"] = {n: clip_model_spec(config, n) for n in clip_models_of(spec)}
+    return spec
+
+
+def clip_models_of(spec: dict) -> list[str]:
+    """clip_models entries a run needs at training time (reward and validation scorers)."""
+    names = []
+    if spec["method"] in ("scst", "dico"):
+        if spec["reward"]["type"] == "clip":
+            names.append(spec["reward"]["model"])
+        names += [spec["selection"][m]["model"] for m in ("clip_s", "pac_s")]
+    return list(dict.fromkeys(names))
+
+
+# -- what each step needs (passed to `dico <step> --spec-json` by the Snakefile) -----------------
+def demo_spec(config: dict) -> dict:
+    return dict(config["data"]["demo"])
+
+
+def clip_model_spec(config: dict, name: str) -> dict:
+    if name not in config["clip_models"]:
+        raise ConfigError(f"{name!r} is not a clip_models entry (have: {', '.join(config['clip_models'])})")
+    spec = {"name": name, "device": config["device"], **config["clip_models"][name]}
+    if spec["source"] == "demo":
+        spec["image_size"] = config["data"]["demo"]["image_size"]
+        spec["path"] = f"results/clip_models/{name}.pt"
+    return spec
+
+
+def features_spec(config: dict) -> dict:
+    return {**config["features"], "model": clip_model_spec(config, config["features"]["backbone"])}
+
+
+def generate_spec(config: dict) -> dict:
+    return {"device": config["device"], "decoding": config["decoding"], "amp": config["train"]["amp"]}
+
+
+def evaluate_spec(config: dict) -> dict:
+    ev = config["evaluate"]
+    models = dict.fromkeys([ev["clip_s"]["model"], ev["pac_s"]["model"]])
+    return {"device": config["device"], "meteor": ev["meteor"], "spice_jar_dir": ev["spice_jar_dir"],
+            "clip_s": ev["clip_s"], "pac_s": ev["pac_s"],
+            "clip_models": {n: clip_model_spec(config, n) for n in models}}
+
+
+def report_spec(config: dict) -> dict:
+    return {"report": config["report"], "runs": runs(config), "ablations": ablation_runs(config),
+            "scst_rewards": config["scst"]["rewards"], "dico": config["dico"]}

@@ -1,0 +1,117 @@
+"""Splits: the one normalised split file every downstream step reads, and image loading.
+
+Input is a Karpathy-format file (`dataset_coco.json` of Karpathy & Fei-Fei; the demo writes the
+same schema): `{"images": [{"filepath", "filename", "imgid", "cocoid"?, "split",
+"sentences": [{"raw", "tokens", ...}, ...]}, ...]}`. `restval` images join `train`, giving the
+standard 113,287 / 5,000 / 5,000 COCO split.
+
+Output (`results/data/splits.json`):
+`{"format": "dico-splits-v1", "dataset": str, "image_root": str,
+  "splits": {"train"|"val"|"test": [{"image_id": int, "file": str, "captions": [str, ...]}, ...]}}`
+with `file` relative to `image_root`. Records keep the order of the input file, so feature shards,
+captions and metrics all index images the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .io import read_json, write_json
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"restval": "train"}
+FORMAT = "dico-splits-v1"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: int
+    path: Path
+    captions: tuple[str, ...]
+
+
+def _karpathy_error(path: Path, where: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {where}: {what}. Expected the Karpathy schema of dataset_coco.json "
+                      "({'images': [{'filepath', 'filename', 'imgid', 'split', 'sentences': [{'raw'}]}]}).")
+
+
+def normalise_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str | Path,
+                       max_refs: int | None = None) -> dict[str, int]:
+    """Write the normalised split file; return the number of images per split."""
+    karpathy_json = Path(karpathy_json)
+    raw = read_json(karpathy_json)
+    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
+        raise _karpathy_error(karpathy_json, "top level", "no 'images' list")
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    seen: set[int] = set()
+    for n, img in enumerate(raw["images"]):
+        where = f"images[{n}]"
+        for key in ("filename", "split", "sentences"):
+            if key not in img:
+                raise _karpathy_error(karpathy_json, where, f"missing key '{key}'")
+        split = SPLIT_ALIASES.get(img["split"], img["split"])
+        if split not in splits:
+            raise _karpathy_error(karpathy_json, where, f"unknown split {img['split']!r} "
+                                  f"(allowed: train, restval, val, test)")
+        image_id = int(img.get("cocoid", img.get("imgid", n)))
+        if image_id in seen:
+            raise _karpathy_error(karpathy_json, where, f"duplicate image id {image_id}")
+        seen.add(image_id)
+        captions = []
+        for m, sent in enumerate(img["sentences"]):
+            text = sent.get("raw") if isinstance(sent, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise _karpathy_error(karpathy_json, f"{where}.sentences[{m}]", "missing or empty 'raw'")
+            captions.append(text.strip())
+        if not captions:
+            raise _karpathy_error(karpathy_json, where, "no sentences")
+        if max_refs:
+            captions = captions[:max_refs]
+        file = str(Path(img.get("filepath", "")) / img["filename"])
+        splits[split].append({"image_id": image_id, "file": file, "captions": captions})
+    for split, items in splits.items():
+        if not items:
+            raise ValueError(f"{karpathy_json}: split '{split}' is empty; every one of "
+                             f"{', '.join(SPLITS)} needs images")
+    write_json(out, {"format": FORMAT, "dataset": raw.get("dataset", "unknown"),
+                     "image_root": str(image_root), "splits": splits})
+    return {s: len(v) for s, v in splits.items()}
+
+
+def load_split(splits_json: str | Path, split: str) -> list[ImageRecord]:
+    """The records of one split, with image paths resolved against the file's image_root."""
+    splits_json = Path(splits_json)
+    data = read_json(splits_json)
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{splits_json}: not a normalised split file (format {data.get('format')!r}, "
+                         f"expected {FORMAT!r}); produce it with `dico prepare-splits`")
+    if split not in data["splits"]:
+        raise KeyError(f"{splits_json}: no split {split!r} (has {', '.join(data['splits'])})")
+    root = Path(data["image_root"])
+    records = [ImageRecord(int(r["image_id"]), root / r["file"], tuple(r["captions"]))
+               for r in data["splits"][split]]
+    if not records:
+        raise ValueError(f"{splits_json}: split {split!r} is empty")
+    return records
+
+
+def references(records: Iterable[ImageRecord]) -> dict[int, list[str]]:
+    return {r.image_id: list(r.captions) for r in records}
+
+
+def load_image(path: str | Path, split: str | None = None):
+    """Open an image as RGB, with an error that names the file (and split) when it is broken."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    where = f" (split {split!r})" if split else ""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path}{where} does not exist; check data.image_root in the "
+                                "config or rerun the download/demo step") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {path}{where} cannot be decoded ({e}); replace the file, or set "
+                         "features.skip_broken_images: true to skip and count such images") from None

@@ -1,0 +1,269 @@
+"""Embedded demo data: scenes of coloured shapes with five varied captions each.
+
+Nothing real (COCO, CLIP weights) can be shipped or downloaded in tests, so the demo generates a
+small captioning data set that exercises every code path of the paper's pipeline:
+
+* 1-3 shapes per image, each with a colour, a shape and a size, on one of a few backgrounds, with
+  spatial relations between them; written as JPEG so the real decoding path is used;
+* five reference captions per image drawn from varied templates: synonyms ("big"/"large",
+  "box"/"square"), word order ("a left of b" / "b right of a"), optional details (size, background,
+  position). The references disagree on details, as COCO's do, so a captioner trained with XE learns
+  the common core and a detail-seeking reward (the demo evaluator) has room to improve on it;
+* a Karpathy-format split file with the same schema as COCO's `dataset_coco.json`.
+
+Deterministic from a seed: the same seed gives byte-identical JPEGs and captions.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .io import atomic_path, write_json
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+
+SHAPE_WORDS = {"circle": ["circle", "circle", "disk", "round shape"],
+               "square": ["square", "square", "box", "block"],
+               "triangle": ["triangle", "triangle", "triangular shape"],
+               "diamond": ["diamond", "diamond", "rhombus"]}
+SIZE_WORDS = {"small": ["small", "small", "little", "tiny"], "large": ["large", "large", "big"]}
+RELATION_WORDS = {"left": ["to the left of", "left of", "on the left of"],
+                  "right": ["to the right of", "right of", "on the right of"],
+                  "above": ["above", "over", "on top of"],
+                  "below": ["below", "under", "beneath"]}
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    size: str
+    x: float  # centre, as a fraction of the image side
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: tuple[Shape, ...]
+
+
+# -- scenes ------------------------------------------------------------------------------------
+def random_scene(rng: random.Random) -> Scene:
+    """1-3 distinct shapes placed on a 3x3 grid so that pairwise relations are unambiguous."""
+    n = rng.choice((1, 2, 2, 3, 3))
+    cells = rng.sample([(cx, cy) for cx in range(3) for cy in range(3)], n)
+    if n == 1:
+        cells = [(1, 1)] if rng.random() < 0.5 else cells
+    shapes, used = [], set()
+    for cx, cy in cells:
+        while True:  # no two identical (colour, shape) pairs: captions must be able to tell them apart
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            if (colour, shape) not in used:
+                used.add((colour, shape))
+                break
+        jitter = lambda: rng.uniform(-0.04, 0.04)  # noqa: E731
+        shapes.append(Shape(colour, shape, rng.choice(SIZES),
+                            (cx + 0.5) / 3 + jitter(), (cy + 0.5) / 3 + jitter()))
+    return Scene(rng.choice(list(BACKGROUNDS)), tuple(shapes))
+
+
+def render(scene: Scene, size: int) -> Image.Image:
+    """Draw at 4x and downsample, for anti-aliased edges (closer to natural images than hard pixels)."""
+    s = size * 4
+    im = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(im)
+    for sh in scene.shapes:
+        r = s * (0.07 if sh.size == "small" else 0.14)
+        cx, cy = sh.x * s, sh.y * s
+        fill = COLOURS[sh.colour]
+        if sh.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif sh.shape == "square":
+            q = r * 0.88
+            draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+        elif sh.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r * 1.1), (cx + r * 0.8, cy), (cx, cy + r * 1.1), (cx - r * 0.8, cy)], fill=fill)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def relation(a: Shape, b: Shape) -> str:
+    """Where a is relative to b, along the axis on which they are further apart."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def position(sh: Shape) -> str:
+    col = ("left", "center", "right")[min(int(sh.x * 3), 2)]
+    row = ("top", "middle", "bottom")[min(int(sh.y * 3), 2)]
+    if (row, col) == ("middle", "center"):
+        return "the center"
+    if row == "middle":
+        return f"the {col}"
+    if col == "center":
+        return f"the {row}"
+    return f"the {row} {col}"
+
+
+# -- captions ----------------------------------------------------------------------------------
+def _noun_phrase(sh: Shape, rng: random.Random, p_size: float, article: bool = True) -> str:
+    words = []
+    if rng.random() < p_size:
+        words.append(rng.choice(SIZE_WORDS[sh.size]))
+    words += [sh.colour, rng.choice(SHAPE_WORDS[sh.shape])]
+    phrase = " ".join(words)
+    if not article:
+        return phrase
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _with_background(text: str, scene: Scene, rng: random.Random, p: float) -> str:
+    if rng.random() < p:
+        return text + rng.choice([" on a {} background", " against a {} background"]).format(scene.background)
+    return text
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One caption of the scene, with random template, synonyms and optional details."""
+    shapes = list(scene.shapes)
+    p_size = rng.choice((0.3, 0.6, 0.9))
+    np = lambda sh, art=True: _noun_phrase(sh, rng, p_size, art)  # noqa: E731
+    if len(shapes) == 1:
+        a = shapes[0]
+        text = rng.choice([
+            lambda: np(a),
+            lambda: f"a picture of {np(a)}",
+            lambda: f"there is {np(a)}",
+            lambda: f"{np(a)} in {position(a)}",
+            lambda: f"an image with {np(a)} in {position(a)}",
+            lambda: f"a single {np(a, False)}",
+        ])()
+        return _with_background(text, scene, rng, 0.35)
+    if len(shapes) == 2:
+        a, b = rng.sample(shapes, 2)
+        rel = relation(a, b)
+        text = rng.choice([
+            lambda: f"{np(a)} {rng.choice(RELATION_WORDS[rel])} {np(b)}",
+            lambda: f"{np(a)} {rng.choice(RELATION_WORDS[rel])} {np(b)}",
+            lambda: f"{np(b)} {rng.choice(RELATION_WORDS[OPPOSITE[rel]])} {np(a)}",
+            lambda: f"{np(a)} and {np(b)}",
+            lambda: f"two shapes: {np(a)} and {np(b)}",
+            lambda: f"{np(a)} next to {np(b)}",
+        ])()
+        return _with_background(text, scene, rng, 0.3)
+    a, b, c = rng.sample(shapes, 3)
+    rel = relation(a, b)
+    text = rng.choice([
+        lambda: f"{np(a)}, {np(b)} and {np(c)}",
+        lambda: f"three shapes: {np(a)}, {np(b)} and {np(c)}",
+        lambda: f"{np(a)} {rng.choice(RELATION_WORDS[rel])} {np(b)} and {np(c)}",
+        lambda: f"{np(a)} {rng.choice(RELATION_WORDS[rel])} {np(b)}, with {np(c)}",
+        lambda: f"a group of shapes with {np(a)}, {np(b)} and {np(c)}",
+    ])()
+    return _with_background(text, scene, rng, 0.25)
+
+
+def captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
+    """n distinct captions (retrying a few times; short scenes may repeat a caption)."""
+    out: list[str] = []
+    for _ in range(n * 10):
+        c = caption(scene, rng)
+        if c not in out:
+            out.append(c)
+        if len(out) == n:
+            break
+    while len(out) < n:
+        out.append(caption(scene, rng))
+    return out
+
+
+# -- hard negatives for the demo evaluator -------------------------------------------------------
+# Groups of interchangeable words: a hard negative replaces a word by one from ANOTHER synonym set
+# of its group (so "big" -> "small" but never "big" -> "large").
+_SWAP_GROUPS = [
+    [[c] for c in COLOURS],
+    [SIZE_WORDS["small"][1:], SIZE_WORDS["large"][1:]],
+    [[b] for b in BACKGROUNDS],
+    [["circle", "disk"], ["square", "box", "block"], ["triangle"], ["diamond", "rhombus"]],
+    [["left"], ["right"]],
+    [["above", "over"], ["below", "under", "beneath"]],
+]
+
+
+def perturb_caption(text: str, rng: random.Random) -> str | None:
+    """A caption that reads the same but is wrong in one detail (colour, size, shape, background or
+    relation). Used as a hard negative when the demo evaluator is trained, which makes it sensitive
+    to details, as PAC-S's positive-augmented training makes it more discriminative than CLIP."""
+    words = text.split()
+    options = []
+    for i, w in enumerate(words):
+        for group in _SWAP_GROUPS:
+            for k, synonyms in enumerate(group):
+                if w.strip(",:") in synonyms:
+                    options.append((i, [s for j, s in enumerate(group) if j != k]))
+    if not options:
+        return None
+    i, others = rng.choice(options)
+    word = words[i].strip(",:")
+    words[i] = words[i].replace(word, rng.choice(rng.choice(others)))
+    if i > 0 and words[i - 1] in ("a", "an"):  # keep the article right: a wrong one would give it away
+        words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+# -- the data set --------------------------------------------------------------------------------
+def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, image_size: int,
+                   seed: int, refs_per_image: int = 5, jpeg_quality: int = 90) -> Path:
+    """Write `out_dir/images/{split}/NNNNNN.jpg` and `out_dir/dataset_demo.json` (Karpathy schema).
+
+    Returns the path of the split file. The JSON is written last, so its presence means the images
+    are complete.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    images, sentid = [], 0
+    plan = [("train", n_train), ("val", n_val), ("test", n_test)]
+    total = sum(n for _, n in plan)
+    with tqdm(total=total, desc="demo images", unit="img", mininterval=1.0) as bar:
+        imgid = 0
+        for split, n in plan:
+            for _ in range(n):
+                scene = random_scene(rng)
+                refs = captions(scene, rng, refs_per_image)
+                filename = f"{imgid:06d}.jpg"
+                path = out_dir / "images" / split / filename
+                with atomic_path(path) as tmp:
+                    render(scene, image_size).save(tmp, format="JPEG", quality=jpeg_quality)
+                sentences = [{"tokens": r.replace(",", " ,").replace(":", " :").split(), "raw": r,
+                              "imgid": imgid, "sentid": sentid + k} for k, r in enumerate(refs)]
+                images.append({"filepath": split, "filename": filename, "imgid": imgid, "cocoid": imgid,
+                               "split": split, "sentids": [s["sentid"] for s in sentences],
+                               "sentences": sentences, "scene": _scene_json(scene)})
+                sentid += len(refs)
+                imgid += 1
+                bar.update()
+    split_file = out_dir / "dataset_demo.json"
+    write_json(split_file, {"dataset": "demo", "seed": seed, "images": images})
+    return split_file
+
+
+def _scene_json(scene: Scene) -> dict:
+    return {"background": scene.background,
+            "shapes": [{"colour": s.colour, "shape": s.shape, "size": s.size,
+                        "x": round(s.x, 3), "y": round(s.y, 3)} for s in scene.shapes]}

@@ -1,0 +1,562 @@
+"""The evaluator: one CLIP model used as feature backbone, reward model and metric.
+
+Three uses (reference/dico.md §3, §1.3 step 2, §5.1):
+  1. its vision tower gives the captioner's frozen *grid features*: all 1+P tokens after the last
+     transformer block, before ln_post and the projection (HF CLIPVisionModel.last_hidden_state);
+  2. it is the reward model of fine-tuning: r = w·cos(E_I, E_T), no clamp, no prefix;
+  3. it computes CLIP-S / RefCLIP-S (w = 2.5) and PAC-S / RefPAC-S (w = 2.0) with the prefix
+     "A photo depicts " (reference/peers.md §2.2-2.3).
+
+On a cluster the weights are OpenAI CLIP (ViT-B/32, ViT-L/14) or the PAC-S checkpoints; in the demo
+they are a tiny open_clip model trained here (`train_tiny_clip`). Both go through `load_evaluator`:
+the demo model is saved in the PAC-S layout, {'state_dict': OpenAI-named weights}, which is the
+same layout as `clip_ViT-B-32.pth`.
+
+Everything here is built with `pretrained=None`; nothing touches a model hub.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .io import torch_save
+
+# CLIP's preprocessing constants (OpenAI CLIP, PAC-S and HF CLIPFeatureExtractor all use them)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HEAD_WIDTH = 64  # build_model_from_openai_state_dict infers heads = width // 64
+PACS_PREFIX = "A photo depicts "
+
+# keys a TorchScript archive carries that are not weights: OpenAI's JIT model stores its
+# hyper-parameters as tensors, and a scripted open_clip model keeps its causal mask buffer
+_JIT_META_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+_OPENAI_FORMAT = ("format='openai': OpenAI CLIP module names (visual.conv1.weight, visual.proj, "
+                  "transformer.resblocks.N..., token_embedding.weight, text_projection), as a "
+                  "TorchScript archive (OpenAI's ViT-B-32.pt), a state dict, or {'state_dict': ...} "
+                  "(the PAC-S clip_ViT-B-32.pth)")
+
+
+def _open_clip_format(arch) -> str:
+    return (f"format='open_clip', arch={arch!r}: the state dict of open_clip.create_model({arch!r}), "
+            "optionally under 'state_dict' and/or with 'module.' prefixes")
+
+
+# -----------------------------------------------------------------------------
+# preprocessing and tokenisation
+
+def clip_preprocess(image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """PIL image -> [3, size, size], exactly the CLIP / PAC-S test transform:
+    bicubic resize of the shortest side to `size`, center crop, RGB, [0,1], (x - mean) / std."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC)
+    image = TF.center_crop(image, size)
+    x = TF.to_tensor(image.convert("RGB"))
+    return TF.normalize(x, mean, std)
+
+
+def tokenize(texts: Sequence[str], context_length: int) -> torch.Tensor:
+    """CLIP BPE ids [N, context_length]: SOT text EOT, zero-padded; a long text is truncated and its
+    last kept position overwritten with EOT (the pooling reads the EOT position = argmax id)."""
+    import open_clip
+
+    return open_clip.tokenize(list(texts), context_length=context_length)
+
+
+def _with_prefix(texts: Sequence[str], prefix: str) -> list[str]:
+    # pacscore appends a space to a prefix that lacks one ('A photo depicts' -> 'A photo depicts ')
+    if prefix and not prefix.endswith(" "):
+        prefix += " "
+    return [prefix + t for t in texts]
+
+
+# -----------------------------------------------------------------------------
+# the evaluator
+
+class Evaluator:
+    """A frozen open_clip CLIP with the three views DiCO needs: grid features, embeddings, scores."""
+
+    def __init__(self, model: torch.nn.Module, name: str = ""):
+        import open_clip
+
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        visual = model.visual
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.context_length = int(model.context_length)
+        self.embed_dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
+        is_vit = hasattr(visual, "conv1") and hasattr(visual, "transformer")
+        self.grid_width = int(visual.transformer.width) if is_vit else None
+        pcfg = open_clip.get_model_preprocess_cfg(model)
+        self.mean = tuple(pcfg.get("mean", CLIP_MEAN))
+        self.std = tuple(pcfg.get("std", CLIP_STD))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device) -> "Evaluator":
+        self.model.to(device)
+        return self
+
+    def preprocess(self, pil_image) -> torch.Tensor:
+        return clip_preprocess(pil_image, self.image_size, self.mean, self.std)
+
+    @torch.no_grad()
+    def grid_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,S,S] -> [B, 1+P, W]: the vision transformer's output tokens before ln_post/proj.
+        Same steps as open_clip's VisionTransformer.forward (_embeds, then transformer), stopping
+        before _pool: patchify conv -> prepend class token -> + positions -> ln_pre -> blocks."""
+        v = self.model.visual
+        if self.grid_width is None or getattr(v, "attn_pool", None) is not None:
+            raise ValueError(f"grid_features needs a plain ViT vision tower; {type(v).__name__} "
+                             "of this evaluator is not one")
+        x = v.conv1(pixels.to(self.device, self.dtype))        # [B, W, g, g]
+        x = x.flatten(2).transpose(1, 2)                         # [B, P, W], row-major patches
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)                                   # identity in eval mode
+        x = v.ln_pre(x)
+        return v.transformer(x)                                  # batch-first in, batch-first out
+
+    @torch.no_grad()
+    def embed_images(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """[N,3,S,S] -> [N,D] L2-normalised (fp32), computed batch by batch on the model's device."""
+        out = [self.model.encode_image(pixels[i:i + batch_size].to(self.device, self.dtype))
+               for i in range(0, len(pixels), batch_size)]
+        return _l2(out, self.embed_dim, self.device)
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """CLIP token ids [N, context_length] -> [N,D] L2-normalised (fp32)."""
+        out = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
+               for i in range(0, len(tokens), batch_size)]
+        return _l2(out, self.embed_dim, self.device)
+
+    def embed_texts(self, texts: Sequence[str], prefix: str = "", batch_size: int = 256) -> torch.Tensor:
+        """prefix + text for each text -> [N,D] L2-normalised (fp32)."""
+        texts = _with_prefix(texts, prefix)
+        out = [self.embed_tokens(tokenize(texts[i:i + batch_size], self.context_length), batch_size)
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+
+def _l2(chunks: list[torch.Tensor], dim: int, device) -> torch.Tensor:
+    # normalise in fp32 even when the towers ran under fp16 autocast
+    if not chunks:
+        return torch.zeros(0, dim, device=device)
+    return F.normalize(torch.cat(chunks).float(), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# loading and saving
+
+def load_evaluator(path, format: str = "openai", arch: str | None = None, device="cpu") -> Evaluator:
+    """Load CLIP weights into a frozen fp32 Evaluator on `device` (see the module docstring)."""
+    path = Path(path)
+    if format == "openai":
+        expected = _OPENAI_FORMAT
+    elif format == "open_clip":
+        if not arch:
+            raise ValueError(f"load_evaluator({path}): format='open_clip' needs arch= (an open_clip "
+                             "model config name such as 'ViT-L-14')")
+        expected = _open_clip_format(arch)
+    else:
+        raise ValueError(f"load_evaluator({path}): unknown format {format!r}; use 'openai' or 'open_clip'")
+    sd = _read_state_dict(path, expected)
+    model = _build_openai(sd, path) if format == "openai" else _build_open_clip(sd, arch, path)
+    return Evaluator(model.float(), name=f"{format}:{path.name}").to(device)
+
+
+def _read_state_dict(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """Any of the accepted containers -> a flat {name: tensor} dict on CPU."""
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluator checkpoint {path} does not exist; expected {expected}")
+    unreadable = f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?); expected {expected}"
+    try:
+        if _is_torchscript(path):
+            # OpenAI's released .pt files are TorchScript archives; only torch.jit.load reads them
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError ...
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if glob:  # a real checkpoint that also pickles Python objects (e.g. an argparse Namespace)
+            raise ValueError(f"{path} holds a Python object ({glob.group(1)}) besides tensors, which is not "
+                             f"loaded (weights_only=True); re-save just the weights. Expected {expected}") from None
+        raise ValueError(f"{unreadable} ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # PAC-S and open_clip training checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} does not hold a state dict (found {keys}); expected {expected}")
+    # strip DataParallel / DDP prefixes
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _is_torchscript(path: Path) -> bool:
+    # a TorchScript archive is a zip with <name>/constants.pkl and <name>/code/; torch.save's has neither
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def _build_openai(sd: dict, path: Path):
+    """OpenAI-named weights -> open_clip CLIP (QuickGELU), architecture inferred from the shapes."""
+    from open_clip.model import build_model_from_openai_state_dict
+
+    sd = {k: v for k, v in sd.items() if k not in _JIT_META_KEYS}
+    need = ["text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+    need += ["visual.conv1.weight", "visual.positional_embedding"] if "visual.proj" in sd else \
+        ["visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding"]  # ViT or ResNet
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(_mismatch_msg(path, _OPENAI_FORMAT, missing, [], [], _suggest(sd, "openai")))
+    try:
+        # the builder casts to fp16 before loading (OpenAI's JIT weights are half) ...
+        model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None)
+    except RuntimeError as e:
+        raise ValueError(_mismatch_msg(path, _OPENAI_FORMAT, *_parse_load_error(str(e)),
+                                       _suggest(sd, "openai"))) from None
+    # ... so reload in fp32: PAC-S evaluates (and its checkpoint is stored) in fp32
+    model.float().load_state_dict(sd, strict=True)
+    return model
+
+
+def _build_open_clip(sd: dict, arch: str, path: Path):
+    """open_clip-named weights for the config `arch` -> open_clip model, strict load."""
+    import open_clip
+
+    expected = _open_clip_format(arch)
+    if open_clip.get_model_config(arch) is None:
+        raise ValueError(f"load_evaluator({path}): {arch!r} is not an open_clip model config (register "
+                         "a custom one with open_clip.add_model_config); expected " + expected)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:  # random init, replaced below; silence open_clip's "initialized randomly" warning
+        model = open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in want.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(_mismatch_msg(path, expected, missing, unexpected, shapes, _suggest(sd, "open_clip")))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _parse_load_error(msg: str) -> tuple[list[str], list[str], list[str]]:
+    """Missing / unexpected keys and shape mismatches out of torch's load_state_dict error text."""
+    def keys(label):
+        m = re.search(label + r' key\(s\) in state_dict: (.*)', msg)
+        return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+    shapes = [f"{k}: {a} vs {b}" for k, a, b in re.findall(
+        r"size mismatch for (\S+): copying a param with shape (.+?) from checkpoint, "
+        r"the shape in current model is (.+?)\.", msg)]
+    missing, unexpected = keys("Missing"), keys("Unexpected")
+    if not (missing or unexpected or shapes):
+        unexpected = [msg[:300]]
+    return missing, unexpected, shapes
+
+
+def _suggest(sd: dict, format: str) -> str:
+    looks_openai = "visual.proj" in sd and any(k.startswith("transformer.resblocks.") for k in sd)
+    looks_open_clip = any(k.startswith(("text.", "visual.trunk.", "visual.attn_pool")) for k in sd) or \
+        any(".ls_1." in k or k == "logit_bias" for k in sd)
+    if format == "openai" and looks_open_clip:
+        return ("these look like open_clip names of a non-OpenAI architecture; load with "
+                "format='open_clip' and arch=<its open_clip config name>")
+    if format == "open_clip" and looks_openai:
+        return ("these look like OpenAI CLIP names; if it is an OpenAI-architecture (QuickGELU) CLIP "
+                "such as the PAC-S ViT-B/32, load with format='openai', which infers the architecture "
+                "from the shapes; otherwise check arch")
+    return ""
+
+
+def _mismatch_msg(path, expected, missing, unexpected, shapes, hint) -> str:
+    def few(xs):
+        return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+    parts = [f"{path}: the weights do not match {expected}."]
+    if missing:
+        parts.append(f"Missing keys: {few(missing)}.")
+    if unexpected:
+        parts.append(f"Unexpected keys: {few(unexpected)}.")
+    if shapes:
+        parts.append(f"Shape mismatches (checkpoint vs model): {few(shapes)}.")
+    if hint:
+        parts.append(hint[0].upper() + hint[1:] + ".")
+    return " ".join(parts)
+
+
+_BLOCK = r"transformer\.resblocks\.\d+\.(attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)" \
+         r"|ln_[12]\.(weight|bias)|mlp\.(c_fc|c_proj)\.(weight|bias))"
+_OPENAI_KEY = re.compile(
+    r"(positional_embedding|text_projection|logit_scale|token_embedding\.weight|ln_final\.(weight|bias)"
+    r"|visual\.(class_embedding|positional_embedding|proj|conv1\.weight|ln_(pre|post)\.(weight|bias))"
+    rf"|{_BLOCK}|visual\.{_BLOCK})")
+
+
+def openai_compat_problems(model) -> list[str]:
+    """Why `model` would not survive save_evaluator -> load_evaluator(format='openai') unchanged:
+    the loader rebuilds the OpenAI architecture from shapes (heads = width // 64, MLP ratio 4,
+    QuickGELU, class-token ViT), so anything else would load into a different network."""
+    from open_clip.transformer import QuickGELU
+
+    problems = [f"key {k!r} is not an OpenAI CLIP weight" for k in model.state_dict()
+                if not _OPENAI_KEY.fullmatch(k)][:5]
+    towers = [("text", getattr(model, "transformer", None))]
+    towers.append(("vision", getattr(getattr(model, "visual", None), "transformer", None)))
+    for name, tower in towers:
+        if tower is None or not hasattr(tower, "resblocks"):
+            problems.append(f"no OpenAI-style {name} transformer")
+            continue
+        block, width = tower.resblocks[0], tower.width
+        if width % HEAD_WIDTH or block.attn.num_heads != width // HEAD_WIDTH:
+            problems.append(f"{name} width {width} with {block.attn.num_heads} heads; OpenAI CLIP "
+                            f"needs width a multiple of {HEAD_WIDTH} and heads = width // {HEAD_WIDTH}")
+        if block.mlp.c_fc.out_features != 4 * width:
+            problems.append(f"{name} MLP ratio is not 4")
+        if not isinstance(block.mlp.gelu, QuickGELU):
+            problems.append(f"{name} activation is {type(block.mlp.gelu).__name__}, not QuickGELU")
+    if getattr(model, "text_pool_type", "argmax") != "argmax":
+        problems.append("text pooling is not argmax (EOT position)")
+    return problems
+
+
+def save_evaluator(evaluator_or_model, path) -> None:
+    """Write {'state_dict': OpenAI-named fp32 weights} (the PAC-S checkpoint layout), atomically."""
+    model = getattr(evaluator_or_model, "model", evaluator_or_model)
+    problems = openai_compat_problems(model)
+    if problems:
+        raise ValueError(f"cannot save {type(model).__name__} to {path} in the OpenAI CLIP layout: "
+                         + "; ".join(problems))
+    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    torch_save({"state_dict": sd}, path)
+
+
+# -----------------------------------------------------------------------------
+# tiny CLIP for the demo
+
+def tiny_clip_config(embed_dim: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
+                     text_width: int, text_layers: int, context_length: int, vocab_size: int = 49408) -> dict:
+    """An open_clip model config (the JSON schema of open_clip/model_configs) of an OpenAI-layout CLIP."""
+    for name, width in (("vision_width", vision_width), ("text_width", text_width)):
+        if width % HEAD_WIDTH or width <= 0:
+            raise ValueError(f"{name}={width}: must be a positive multiple of {HEAD_WIDTH}, because the "
+                             f"OpenAI-format loader infers heads = width // {HEAD_WIDTH}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    return {
+        "embed_dim": embed_dim,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
+                       "layers": vision_layers, "head_width": HEAD_WIDTH},
+        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": text_width,
+                     "heads": text_width // HEAD_WIDTH, "layers": text_layers},
+    }
+
+
+def build_tiny_clip(cfg: dict, seed: int):
+    """Randomly initialised open_clip CLIP from a config dict. The direct constructor gives the same
+    module names as open_clip.create_model, and with QuickGELU the OpenAI ones; the seed is local."""
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(cfg["embed_dim"], dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]),
+                    quick_gelu=cfg.get("quick_gelu", True))
+
+
+def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int, lr: float, seed: int,
+                    hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
+                    log=print, eval_records=None, weight_decay: float = 0.1,
+                    warmup: int | None = None) -> dict:
+    """Contrastive training of a tiny CLIP on (image, one random caption of its refs) pairs.
+
+    Loss: symmetric InfoNCE with a learnable temperature (CLIP):
+        L = ½·CE(s·I Tᵀ, diag) + ½·CE(s·T Iᵀ, diag),  s = exp(logit_scale) ≤ 100.
+    With `hard_negative_fn`, each image also gets one perturbed caption whose embedding is an extra
+    NEGATIVE column of the image->text softmax ([B, B + H] logits); text->image stays [B, B]. This
+    teaches the tiny model details (colours, relations), standing in for PAC-S's stronger training.
+    AdamW (β = 0.9, 0.98, CLIP's), linear warmup then cosine decay to lr/10. Deterministic given seed.
+    """
+    from tqdm import tqdm
+
+    from .data import load_image
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = build_tiny_clip(cfg, seed).train()
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+
+    # decode every image once: ~1,000 tiny images fit in memory many times over
+    images = torch.stack([clip_preprocess(load_image(r.path, "train"), size) for r in records])
+    captions = [list(r.captions) for r in records]
+    caption_tokens = [tokenize(c, ctx) for c in captions]
+    n = len(records)
+    bsz = min(batch_size, n)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # gains, biases, logit scale
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+
+    def lr_at(step):  # linear warmup, then cosine from lr to lr/10
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        p = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    order: list[int] = []
+    losses, first_loss, acc = [], None, 0.0
+    bar = tqdm(range(steps), desc="tiny CLIP", disable=not sys.stderr.isatty())
+    for step in bar:
+        if len(order) < bsz:  # a fresh shuffled pass over the images
+            order += rng.sample(range(n), n)
+        idx, order = order[:bsz], order[bsz:]
+        picks = [rng.randrange(len(captions[i])) for i in idx]
+        tokens = torch.stack([caption_tokens[i][j] for i, j in zip(idx, picks)])
+        if hard_negative_fn is not None:
+            negs = [hard_negative_fn(captions[i][j], rng) for i, j in zip(idx, picks)]
+            negs = [t for t in negs if t]
+            if negs:
+                tokens = torch.cat([tokens, tokenize(negs, ctx)])
+        img = F.normalize(model.encode_image(images[idx]), dim=-1)
+        txt = F.normalize(model.encode_text(tokens), dim=-1)
+        scale = model.logit_scale.exp()
+        logits = scale * img @ txt.T                       # [B, B + H]: negatives only add columns
+        target = torch.arange(len(idx))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(idx)].T, target))
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # CLIP clamps the temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+
+        losses.append(loss.item())
+        first_loss = losses[0] if first_loss is None else first_loss
+        # in-batch i->t accuracy; a column with the same token ids as the positive counts as a hit
+        # (generated captions repeat, so two images of a batch may share the positive text)
+        acc = (tokens[logits.argmax(1)] == tokens[:len(idx)]).all(1).float().mean().item()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc:.2f}")
+        if step % 50 == 0 or step == steps - 1:
+            log(f"tiny CLIP step {step + 1}/{steps}: loss {losses[-1]:.4f}, in-batch i->t acc {acc:.3f}, "
+                f"lr {lr_at(step):.2e}, logit scale {scale.item():.1f}")
+
+    train_s = time.time() - t0
+    save_evaluator(model, out_path)
+    ev = Evaluator(model)
+    stats = {"steps": steps, "n_images": n, "batch_size": bsz, "first_loss": first_loss,
+             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+             "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
+             "train_r1": retrieval_r1(ev, images[:512], captions[:512]),
+             "n_params": sum(p.numel() for p in model.parameters()),
+             "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
+    if eval_records:
+        eval_images = torch.stack([ev.preprocess(load_image(r.path, "val")) for r in eval_records])
+        stats["eval_r1"] = retrieval_r1(ev, eval_images, [list(r.captions) for r in eval_records])
+    log(f"tiny CLIP done: {stats}")
+    return stats
+
+
+def retrieval_r1(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> float:
+    """Image->text R@1 over all captions of the set. A hit is a top caption whose *text* is one of
+    the image's captions (generated data repeats captions across images)."""
+    flat = [c for caps in captions for c in caps]
+    top = (ev.embed_images(pixels) @ ev.embed_texts(flat).T).argmax(1).tolist()
+    return sum(flat[t] in caps for t, caps in zip(top, captions)) / max(1, len(captions))
+
+
+# -----------------------------------------------------------------------------
+# scores
+
+def clip_scores(image_embs: torch.Tensor, cand_embs: torch.Tensor, ref_embs=None, w: float = 2.5) -> dict:
+    """Per-caption CLIP-S / PAC-S and, with references, RefCLIP-S / RefPAC-S (peers.md §2.2-2.3).
+
+        s   = w · max(cos(I, c), 0)                  (w = 2.5 CLIP-S, 2.0 PAC-S)
+        t   = max_r cos(c, r)                        (raw: no clamp, no w, as in both official codes)
+        ref = 2·s·t / (s + t)                        (harmonic mean)
+
+    Guard: where s + t == 0 the official code divides 0/0 (or x/0) and returns NaN/inf, which then
+    poisons the corpus mean; we return 0 there and the official value everywhere else (including
+    its odd sign when t < 0, which real CLIP text-text cosines practically never reach).
+    Embeddings must be L2-normalised; `ref_embs` is a list of [R_i, D] or a tensor [N, R, D].
+    """
+    s = w * (image_embs * cand_embs).sum(-1).clamp(min=0)
+    out = {"score": s}
+    if ref_embs is not None:
+        t = max_ref_cosine(cand_embs, ref_embs)
+        denom = s + t
+        out["ref_score"] = torch.where(denom != 0, 2 * s * t / torch.where(denom != 0, denom, 1), 0.0)
+    return out
+
+
+def max_ref_cosine(cand_embs: torch.Tensor, ref_embs) -> torch.Tensor:
+    """t_i = max_r cos(c_i, r) over the references of caption i (padded to a [N, R, D] batch)."""
+    if isinstance(ref_embs, torch.Tensor):
+        refs, mask = ref_embs, torch.ones(ref_embs.shape[:2], dtype=torch.bool, device=ref_embs.device)
+    else:
+        if any(len(r) == 0 for r in ref_embs):
+            raise ValueError("every candidate needs at least one reference")
+        refs = torch.nn.utils.rnn.pad_sequence(list(ref_embs), batch_first=True)
+        lens = torch.tensor([len(r) for r in ref_embs], device=refs.device)
+        mask = torch.arange(refs.shape[1], device=refs.device)[None] < lens[:, None]
+    sims = torch.einsum("nd,nrd->nr", cand_embs, refs.to(cand_embs))
+    return sims.masked_fill(~mask, float("-inf")).max(1).values
+
+
+def reward_scores(image_embs: torch.Tensor, cand_embs: torch.Tensor, w: float = 2.0) -> torch.Tensor:
+    """The training reward of the official DiCO code (dico.md §1.3 step 2): r = w · cos(I, c), with no
+    clamp at 0 (and, in training, no prefix: the caller embeds with prefix='')."""
+    return w * (image_embs * cand_embs).sum(-1)
+
+
+def score_captions(evaluator: Evaluator, pixels_or_image_embs: torch.Tensor, candidates: list[str],
+                   refs: list[list[str]] | None, *, w: float, prefix: str = PACS_PREFIX,
+                   batch_size: int = 256) -> dict:
+    """Corpus CLIP-S/PAC-S (mean over captions) and, with refs, RefCLIP-S/RefPAC-S, plus per-caption
+    lists. Candidates and references get the same prefix (as pacscore does)."""
+    x = pixels_or_image_embs
+    img = evaluator.embed_images(x, batch_size) if x.dim() == 4 else F.normalize(x.float(), dim=-1)
+    if len(img) != len(candidates):
+        raise ValueError(f"{len(img)} images but {len(candidates)} candidate captions")
+    cand = evaluator.embed_texts(candidates, prefix, batch_size)
+    ref_embs = None
+    if refs is not None:
+        if len(refs) != len(candidates):
+            raise ValueError(f"{len(refs)} reference lists but {len(candidates)} candidate captions")
+        flat = evaluator.embed_texts([r for rs in refs for r in rs], prefix, batch_size)
+        ref_embs = list(flat.split([len(rs) for rs in refs]))
+    scores = clip_scores(img.to(cand.device), cand, ref_embs, w)
+    out = {"score": scores["score"].mean().item(), "score_per_caption": scores["score"].tolist()}
+    if "ref_score" in scores:
+        out["ref_score"] = scores["ref_score"].mean().item()
+        out["ref_score_per_caption"] = scores["ref_score"].tolist()
+    return out

@@ -1,0 +1,169 @@
+"""Frozen grid features of the captioner's backbone, cached once per split.
+
+The paper's captioner reads all 257 tokens (CLS + 16x16 patches) x 1024 of CLIP ViT-L/14 before the
+final layer norm and projection (dico.md section 3). The backbone is frozen, so the features are
+computed once and stored as fp16 in memory-mappable `.npy` shards:
+
+    results/features/<backbone>/<split>/shard_00000.npy   [n, T, D] float16
+    results/features/<backbone>/<split>/index.json        written last: what the shards hold
+
+Shards are written atomically and the index is written last, so a killed job resumes at the first
+missing shard (a fingerprint of backbone checkpoint + image list guards against mixing shards of
+different runs) and a reader never trusts half a split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import ImageRecord, load_image
+from .io import atomic_path, read_json, write_json
+
+FORMAT = "dico-features-v1"
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers, overlapping with the model."""
+
+    def __init__(self, records: list[ImageRecord], preprocess, split: str, skip_broken: bool, size: int):
+        self.records, self.preprocess, self.split = records, preprocess, split
+        self.skip_broken, self.size = skip_broken, size
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        try:
+            return self.preprocess(load_image(self.records[i].path, self.split)), True
+        except (OSError, ValueError):
+            if not self.skip_broken:
+                raise
+            return torch.zeros(3, self.size, self.size), False
+
+
+def fingerprint(checkpoint: str | Path, records: list[ImageRecord], shard_size: int, dtype: str) -> str:
+    """Identifies what the shards of a split were computed from (not the image bytes: too slow)."""
+    stat = Path(checkpoint).stat()
+    h = hashlib.sha256()
+    h.update(f"{Path(checkpoint).resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{shard_size}:{dtype}".encode())
+    for r in records:
+        h.update(f"{r.image_id}:{r.path}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
+                   split: str, out_dir: str | Path, *, shard_size: int, batch_size: int,
+                   dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
+                   device: str = "cpu", log=print) -> dict:
+    """Compute and store grid features of `records`; resume at the first missing shard."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(checkpoint, records, shard_size, dtype)
+    progress_file = out_dir / "progress.json"
+    if progress_file.exists() and read_json(progress_file).get("fingerprint") != fp:
+        log(f"{out_dir}: shards from a different backbone/image list; recomputing them")
+        for old in out_dir.glob("shard_*.npy"):
+            old.unlink()
+    write_json(progress_file, {"fingerprint": fp})
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    shards, skipped, done_before = [], [], 0
+    start_time = time.time()
+    bar = tqdm(total=len(records), desc=f"features {split}", unit="img", mininterval=2.0)
+    for s in range(n_shards):
+        lo, hi = s * shard_size, min((s + 1) * shard_size, len(records))
+        path = out_dir / f"shard_{s:05d}.npy"
+        shards.append({"file": path.name, "start": lo, "count": hi - lo})
+        if path.exists() and _shard_ok(path, hi - lo):
+            done_before += hi - lo
+            bar.update(hi - lo)
+            continue
+        feats, ok = _compute(evaluator, records[lo:hi], split, batch_size, num_workers, skip_broken, device, bar)
+        skipped += [records[lo + i].image_id for i in np.flatnonzero(~ok)]
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feats.astype(dtype))
+    bar.close()
+    if done_before:
+        log(f"resumed: {done_before} of {len(records)} images were already cached in complete shards")
+    probe = np.load(out_dir / shards[0]["file"], mmap_mode="r")
+    if skipped:
+        log(f"skipped {len(skipped)} broken images in split {split!r} (features.skip_broken_images): {skipped[:20]}")
+    index = {"format": FORMAT, "backbone": backbone, "checkpoint": str(checkpoint), "fingerprint": fp,
+             "split": split, "n_images": len(records), "tokens": int(probe.shape[1]),
+             "dim": int(probe.shape[2]), "dtype": dtype, "image_ids": [r.image_id for r in records],
+             "shards": shards, "skipped_images": skipped,
+             "seconds": round(time.time() - start_time, 2)}
+    write_json(out_dir / "index.json", index)
+    return index
+
+
+def _shard_ok(path: Path, count: int) -> bool:
+    try:
+        return np.load(path, mmap_mode="r").shape[0] == count
+    except (OSError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def _compute(evaluator, records, split, batch_size, num_workers, skip_broken, device, bar):
+    ds = _Images(records, evaluator.preprocess, split, skip_broken, evaluator.image_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=str(device).startswith("cuda"))
+    out, oks = [], []
+    for pixels, ok in loader:
+        pixels = pixels.to(device, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+            feats = evaluator.grid_features(pixels)
+        out.append(feats.float().cpu().numpy())
+        oks.append(ok.numpy())
+        bar.update(len(pixels))
+    return np.concatenate(out), np.concatenate(oks).astype(bool)
+
+
+class FeatureStore:
+    """Read access to a cached split: `store[idx]` -> float32 tensor [len(idx), T, D].
+
+    Small splits (under `ram_limit_bytes`) are read into memory once; large ones (COCO: ~60 GB) are
+    memory-mapped and only the rows of a batch are touched.
+    """
+
+    def __init__(self, index_json: str | Path, ram_limit_bytes: int = 4 << 30):
+        index_json = Path(index_json)
+        self.index = read_json(index_json)
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"{index_json}: not a feature index (expected format {FORMAT!r})")
+        root = index_json.parent
+        self.maps = [np.load(root / s["file"], mmap_mode="r") for s in self.index["shards"]]
+        self.starts = np.array([s["start"] for s in self.index["shards"]])
+        self.image_ids = self.index["image_ids"]
+        nbytes = sum(m.nbytes for m in self.maps)
+        if nbytes <= ram_limit_bytes:
+            self.maps = [np.ascontiguousarray(m) for m in self.maps]
+
+    def __len__(self) -> int:
+        return self.index["n_images"]
+
+    @property
+    def dim(self) -> int:
+        return self.index["dim"]
+
+    @property
+    def backbone(self) -> str:
+        return self.index["backbone"]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = np.atleast_1d(np.asarray(idx))
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        rows = [self.maps[s][i - self.starts[s]] for s, i in zip(shard, idx)]
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+    def describe(self) -> str:
+        return json.dumps({k: self.index[k] for k in ("backbone", "split", "n_images", "tokens", "dim", "dtype")})

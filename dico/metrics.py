@@ -1,0 +1,169 @@
+"""Caption metrics: the COCO suite (pycocoevalcap scorers, called one by one) and diversity/fluency statistics.
+
+Why not `COCOEvalCap.evaluate()`: it instantiates SPICE first, which downloads Stanford CoreNLP 3.6.0 and dies
+offline before computing anything. We tokenise with the Java PTB tokenizer and call BLEU, METEOR, ROUGE-L,
+CIDEr-D (our exact vectorised `dico.cider.cider_d`) and SPICE ourselves; a metric that cannot run is None with
+the reason in `notes`, never a silent 0. Values are raw pycocoevalcap numbers (CIDEr ~1.2, not 120).
+
+CLIP-S / PAC-S live in their own module.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from dico.cider import cider_d, simple_tokenize
+
+METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+JAVA_MISSING = ("Java not found on PATH: the PTB tokenizer and METEOR need a Java runtime; install openjdk "
+                "(apt-get install default-jre-headless, or the eval conda env which carries openjdk)")
+
+
+def require_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError(JAVA_MISSING)
+
+
+def ptb_tokenize(captions: dict) -> dict:
+    """{id: [str, ...]} -> {id: [tokenized str, ...]} with pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1,
+    Java): lower-cased, punctuation tokens removed. One JVM start (~0.5 s) per call."""
+    require_java()
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": c} for c in caps] for i, caps in captions.items()})
+    for i, caps in captions.items():  # it pairs output lines with inputs by position: check nothing shifted
+        if len(out.get(i, [])) != len(caps):
+            raise RuntimeError(f"PTBTokenizer returned {len(out.get(i, []))} captions for id {i!r}, expected {len(caps)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SPICE availability
+
+def _spice_lib() -> Path:
+    import pycocoevalcap.spice as spice
+
+    return Path(spice.__path__[0]) / "lib"
+
+
+def _spice_dirs(spice_jar_dir) -> list[Path]:
+    return ([Path(spice_jar_dir)] if spice_jar_dir else []) + [_spice_lib()]
+
+
+def find_spice_jars(spice_jar_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first of (spice_jar_dir, pycocoevalcap's spice/lib) that holds both CoreNLP 3.6.0 jars, else None."""
+    return next((d for d in _spice_dirs(spice_jar_dir) if all((d / j).is_file() for j in SPICE_JARS)), None)
+
+
+def _spice_missing_reason(spice_jar_dir) -> str:
+    where = " or ".join(map(str, _spice_dirs(spice_jar_dir)))
+    return f"skipped: Stanford CoreNLP 3.6.0 jars not found in {where} ({', '.join(SPICE_JARS)}); SPICE needs them"
+
+
+def _install_spice_jars(src: Path) -> None:
+    """spice-1.0.jar's manifest loads the CoreNLP jars from its own lib/ folder: link (or copy) them there."""
+    lib = _spice_lib()
+    for jar in SPICE_JARS:
+        if not (lib / jar).exists():
+            try:
+                os.symlink((src / jar).resolve(), lib / jar)
+            except OSError:
+                shutil.copy2(src / jar, lib / jar)
+
+
+def _spice(gts: dict, res: dict, spice_jar_dir, notes: dict) -> float | None:
+    jars = find_spice_jars(spice_jar_dir)
+    if jars is None:
+        notes["SPICE"] = _spice_missing_reason(spice_jar_dir)
+        return None
+    try:
+        _install_spice_jars(jars)
+        from pycocoevalcap.spice.spice import Spice
+
+        return float(Spice().compute_score(gts, res)[0])
+    except Exception as e:  # e.g. Java >= 9 InaccessibleObjectException in its LMDB cache, -Xmx8G refused
+        notes["SPICE"] = f"failed: {type(e).__name__}: {e}"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the COCO suite
+
+def _meteor(gts: dict, res: dict, enabled: bool, notes: dict) -> float | None:
+    if not enabled:
+        notes["METEOR"] = "disabled in config"
+        return None
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    try:
+        return float(Meteor().compute_score(gts, res)[0])
+    except Exception as e:  # BrokenPipeError: the JVM died (too little memory for -Xmx2G, no java)
+        notes["METEOR"] = f"failed: {type(e).__name__}: {e}"
+        return None
+
+
+def coco_metrics(refs: dict, cands: dict, meteor: bool = True,
+                 spice_jar_dir: str | None = None) -> tuple[dict, dict]:
+    """refs {id: [raw str, ...]}, cands {id: raw str}. PTB-tokenise both, then BLEU-1..4, METEOR, ROUGE-L,
+    CIDEr(-D) and SPICE one by one. Returns (metrics, notes): metrics has exactly METRIC_KEYS with raw
+    pycocoevalcap values; a metric that cannot run is None and notes[key] says why. METEOR costs ~15 s of JVM
+    start and paraphrase-table loading, hence the flag."""
+    require_java()
+    if refs.keys() != cands.keys():
+        raise ValueError("refs and cands must have the same ids")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = ptb_tokenize(refs)
+    res = ptb_tokenize({i: [c] for i, c in cands.items()})
+    metrics, notes = {}, {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    metrics.update({f"BLEU-{n}": float(b) for n, b in enumerate(bleu, 1)})
+    metrics["METEOR"] = _meteor(gts, res, meteor, notes)
+    metrics["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    metrics["CIDEr"] = cider_d(gts, res)[0]
+    metrics["SPICE"] = _spice(gts, res, spice_jar_dir, notes)
+    return {k: metrics[k] for k in METRIC_KEYS}, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# diversity and fluency
+
+def _has_repeat(words: list[str]) -> bool:
+    """A degenerate repetition: the same word twice in a row ("a a"), or a word bigram occurring twice
+    ("on the table on the table")."""
+    if any(a == b for a, b in zip(words, words[1:])):
+        return True
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) < len(bigrams)
+
+
+def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
+    """Diversity/fluency statistics of generated captions, after `simple_tokenize` (lower-case, no punctuation).
+
+    vocab_size: distinct words over all candidates; novel_pct: % of candidates whose normalised string never
+    occurs among the normalised training captions; mean_length: words per candidate; distinct_1 / distinct_2:
+    distinct n-grams / n-grams over the whole set; repeat_pct: % of candidates with a repeated word or bigram
+    (see `_has_repeat`). cands: {id: str} (or {id: [str]}) or a list of str."""
+    texts = list(cands.values()) if isinstance(cands, dict) else list(cands)
+    texts = [t[0] if isinstance(t, (list, tuple)) else t for t in texts]
+    if not texts:
+        raise ValueError("no candidates")
+    sents = [simple_tokenize(t) for t in texts]
+    words = [s.split() for s in sents]
+    train = {simple_tokenize(t) for t in train_captions}
+    unigrams = [w for ws in words for w in ws]
+    bigrams = [b for ws in words for b in zip(ws, ws[1:])]
+    return {
+        "vocab_size": len(set(unigrams)),
+        "novel_pct": 100.0 * sum(s not in train for s in sents) / len(sents),
+        "mean_length": float(np.mean([len(ws) for ws in words])),
+        "distinct_1": len(set(unigrams)) / len(unigrams) if unigrams else 0.0,
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "repeat_pct": 100.0 * sum(map(_has_repeat, words)) / len(words),
+    }

@@ -1,0 +1,152 @@
+"""What every training job needs around its loop: device, seeds, precision, a resumable data order,
+checkpoints that survive `kill -9`, and a SIGTERM handler for SLURM preemption.
+
+Resumable state lives in `results/runs/<run>/work/`, which is not a declared Snakemake output:
+Snakemake deletes the declared outputs of an incomplete job before rerunning it, and we must not
+lose the last checkpoint with them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_path, torch_save
+
+
+def select_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was configured but torch sees no GPU; set device: auto or cpu")
+    return name
+
+
+def configure(seed: int, deterministic: bool, threads: int | None = None) -> None:
+    """Seed every generator and pick deterministic kernels (recorded in provenance)."""
+    if threads:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def autocast(device: str, amp: str):
+    """bf16/fp16 autocast on GPU; a no-op on CPU (where it would only slow the small models down)."""
+    if not device.startswith("cuda") or amp == "none":
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochSampler:
+    """Shuffled indices, a fresh permutation per epoch drawn from (seed, epoch) alone, so the
+    position (epoch, offset) is all a checkpoint needs to continue the exact same data order."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("cannot sample batches from an empty split")
+        self.n, self.seed, self.epoch, self.offset = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next(self, batch: int) -> torch.Tensor:
+        out = []
+        while batch > 0:
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = min(batch, self.n - self.offset)
+            out.append(self._perm[self.offset:self.offset + take])
+            self.offset += take
+            batch -= take
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._perm = self._permutation()
+
+
+class Preempted(SystemExit):
+    """Raised after a checkpoint was written because SLURM (or a user) sent SIGTERM."""
+
+    def __init__(self, step: int):
+        super().__init__(f"SIGTERM received: checkpoint saved at step {step}; rerun to resume")
+        self.code = 143
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGUSR1 into a flag the training loop checks between steps, so the job writes
+    a checkpoint and exits non-zero instead of dying mid-step. SLURM sends SIGTERM at preemption and
+    at the time limit (and SIGUSR1 ahead of time with `--signal=USR1@<sec>`)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class WorkDir:
+    """`last.pt` (everything to resume), `best.pt` (the selected model) and `log.jsonl`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.last, self.best, self.log_file = self.path / "last.pt", self.path / "best.pt", self.path / "log.jsonl"
+
+    def load_last(self) -> dict | None:
+        if not self.last.exists():
+            return None
+        try:
+            return torch.load(self.last, map_location="cpu", weights_only=False)
+        except Exception as e:  # a corrupt last.pt must not block a rerun: start over, loudly
+            bad = self.last.with_suffix(".corrupt")
+            os.replace(self.last, bad)
+            print(f"warning: {self.last} unreadable ({e}); moved to {bad} and starting from scratch")
+            return None
+
+    def save_last(self, state: dict) -> None:
+        torch_save(state, self.last)
+
+    def save_best(self, payload: dict) -> None:
+        torch_save(payload, self.best)
+
+    def write_log(self, rows: list[dict]) -> None:
+        with atomic_path(self.log_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

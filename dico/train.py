@@ -1,0 +1,410 @@
+"""Training loops: XE pre-training and fine-tuning (DiCO and the SCST baselines).
+
+Both loops share one skeleton (`_Loop`): a resumable data order, validation every N steps that keeps
+the best checkpoint, a JSONL training log, a `last.pt` with everything needed to continue bit-for-bit
+after a kill (model, optimiser, sampler position, every RNG state, the log so far), and a clean exit
+on SIGTERM.
+
+Fine-tuning step (dico.md section 1.5): k beams per image from the current policy (no_grad; dropout
+off by default, `dico.generation_mode: train` switches it on as in the official code) -> rewards ->
+teacher-forced sequence log-probs of all k candidates under the policy (with gradient, train mode)
+and, for DiCO, under the frozen XE model (eval mode, no_grad) -> loss -> Adam at a constant lr.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import runtime
+from .cider import cider_d, simple_tokenize
+from .data import ImageRecord, load_split
+from .decoding import beam_search
+from .features import FeatureStore
+from .losses import dico_diagnostics, dico_loss, scst_loss
+from .model import Captioner, CaptionerConfig, sequence_logprobs, token_xe_loss
+from .tokenizer import CaptionTokenizer
+
+CHECKPOINT_FORMAT = "dico-captioner-v1"
+
+
+# -- captioner checkpoints ------------------------------------------------------------------------
+def captioner_payload(model: Captioner, tok: CaptionTokenizer, store: FeatureStore, spec: dict,
+                      step: int, val: dict | None) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.cfg), "tokenizer": tok.state_dict(),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "backbone": {"name": store.backbone, "dim": store.dim, "tokens": store.index["tokens"]},
+            "run": spec["run"], "step": step, "val": val, "spec": spec}
+
+
+def load_captioner(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, payload) from a checkpoint written by a training run."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: captioner checkpoint not found") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable captioner checkpoint ({e}); was the job killed "
+                         "while writing it? Delete it and rerun its training rule") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    model = Captioner(CaptionerConfig(**payload["model_config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), CaptionTokenizer.from_state_dict(payload["tokenizer"]), payload
+
+
+def check_backbone(payload: dict, store: FeatureStore, path) -> None:
+    """A model trained on one backbone's features must not silently read another's."""
+    want, have = payload["backbone"], store
+    if (want["dim"], want["tokens"]) != (have.dim, have.index["tokens"]) or want["name"] != have.backbone:
+        raise ValueError(
+            f"{path} was trained on features of backbone {want['name']!r} ({want['tokens']}x{want['dim']}), "
+            f"but the features given are from {have.backbone!r} ({have.index['tokens']}x{have.dim}); "
+            "use the features of the same features.backbone or retrain")
+
+
+def aligned_store(index_json, records: list[ImageRecord], split: str) -> FeatureStore:
+    store = FeatureStore(index_json)
+    if store.image_ids != [r.image_id for r in records]:
+        raise ValueError(f"{index_json}: features of split {split!r} do not match the split file's images "
+                         "(different data or order); rerun cache_features")
+    return store
+
+
+# -- generation and validation -------------------------------------------------------------------
+@torch.no_grad()
+def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureStore, indices, *,
+                      beam_size: int, max_len: int, batch_size: int, device: str, amp: str = "none",
+                      progress: bool = False) -> list[str]:
+    from tqdm import tqdm
+
+    indices = list(indices)
+    was_training = model.training
+    model.eval()
+    out = []
+    batches = range(0, len(indices), batch_size)
+    for lo in tqdm(batches, desc="beam search", unit="batch", disable=not progress, mininterval=2.0):
+        feats = store[indices[lo:lo + batch_size]].to(device)
+        with runtime.autocast(device, amp):
+            tokens, _ = beam_search(model, model.encode(feats), beam_size=beam_size, max_len=max_len)
+        out += tok.decode_batch(tokens[:, 0])
+    model.train(was_training)
+    return out
+
+
+class Validator:
+    """Captions the first `val_images` val images and scores them: CIDEr-D (our exact
+    implementation over lightly tokenised captions; `evaluate` uses the Java PTB tokenizer), and for
+    fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in their metric form."""
+
+    def __init__(self, store: FeatureStore, records: list[ImageRecord], spec: dict, device: str,
+                 scorers: dict | None = None):
+        n = spec["train"]["val_images"] or len(records)
+        self.store, self.records, self.spec, self.device = store, records[:n], spec, device
+        self.indices = list(range(len(self.records)))
+        self.gts = {i: [simple_tokenize(c) for c in r.captions] for i, r in enumerate(self.records)}
+        self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
+
+    def __call__(self, model, tok) -> dict:
+        dec = self.spec["decoding"]
+        caps = generate_captions(model, tok, self.store, self.indices, beam_size=dec["beam_size"],
+                                 max_len=dec["max_len"], batch_size=dec["batch_size"], device=self.device,
+                                 amp=self.spec["train"]["amp"])
+        cider, _ = cider_d(self.gts, {i: [simple_tokenize(c)] for i, c in enumerate(caps)})
+        metrics = {"CIDEr": cider}
+        from .evaluator import score_captions
+
+        refs = [list(r.captions) for r in self.records]
+        for name, (evaluator, embs, w, prefix) in self.scorers.items():
+            s = score_captions(evaluator, embs[: len(caps)], caps, refs, w=w, prefix=prefix)
+            metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
+        metrics["example"] = caps[0]
+        return metrics
+
+
+# -- the shared loop -----------------------------------------------------------------------------
+class _Loop:
+    """Step counting, validation, checkpoints, logging and resume for one run."""
+
+    def __init__(self, spec: dict, method_cfg: dict, work_dir, log, model, optimizer, sampler,
+                 store: FeatureStore, tok: CaptionTokenizer, validator: Validator, scheduler=None):
+        self.spec, self.cfg, self.log = spec, method_cfg, log
+        self.work = runtime.WorkDir(work_dir)
+        self.model, self.opt, self.sampler, self.sched = model, optimizer, sampler, scheduler
+        self.store, self.tok, self.validator = store, tok, validator
+        self.step, self.best, self.rows = 0, None, []
+        self.stop = runtime.StopFlag()
+        self._resume()
+
+    def _resume(self):
+        state = self.work.load_last()
+        if state is None:
+            return
+        if state.get("spec") != self.spec:
+            self.log(f"{self.work.last} was written with different settings; starting this run from scratch")
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        runtime.set_rng_state(state["rng"])
+        self.step, self.best, self.rows = state["step"], state["best"], state["rows"]
+        self.log(f"resumed from step {self.step} ({self.work.last})")
+
+    def _checkpoint(self):
+        self.work.save_last({"spec": self.spec, "step": self.step, "model": self.model.state_dict(),
+                             "optimizer": self.opt.state_dict(),
+                             "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                             "sampler": self.sampler.state_dict(), "rng": runtime.rng_state(),
+                             "best": self.best, "rows": self.rows})
+        self.work.write_log(self.rows)
+
+    def _validate(self):
+        t0 = time.time()
+        metrics = self.validator(self.model, self.tok)
+        key = self.cfg["select_by"]
+        if key not in metrics:
+            raise KeyError(f"select_by {key!r} is not a validation metric (have: {', '.join(metrics)})")
+        improved = self.best is None or metrics[key] > self.best["value"]
+        if improved:
+            self.best = {"step": self.step, "value": metrics[key], "metric": key}
+            self.work.save_best(captioner_payload(self.model, self.tok, self.store, self.spec, self.step, metrics))
+        row = {"step": self.step, "phase": "val", **metrics, "best": improved, "val_s": round(time.time() - t0, 2)}
+        self.rows.append(row)
+        self.log(f"step {self.step}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                       if isinstance(v, float)) + (" (best)" if improved else ""))
+
+    def run(self, step_fn, out_model, out_log):
+        """Call `step_fn()` -> dict of logged numbers until cfg['steps']; validate every val_every."""
+        from tqdm import tqdm
+
+        total, every = self.cfg["steps"], self.cfg["val_every"]
+        log_every = self.spec["train"]["log_every"]
+        if self.step == 0 and self.cfg.get("validate_first"):
+            self.model.eval()
+            self._validate()  # the starting point: a fine-tuned model must beat it to be selected
+        self.model.train()
+        bar = tqdm(total=total, initial=self.step, desc=self.spec["run"], unit="step", mininterval=2.0)
+        while self.step < total:
+            t0 = time.time()
+            stats = step_fn()
+            self.step += 1
+            bar.update()
+            if self.step % log_every == 0 or self.step == total:
+                self.rows.append({"step": self.step, "phase": "train", "step_s": round(time.time() - t0, 4), **stats})
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if self.step % every == 0 or self.step == total:
+                self.model.eval()
+                self._validate()
+                self.model.train()
+                self._checkpoint()
+            if self.stop.requested:
+                self._checkpoint()
+                bar.close()
+                raise runtime.Preempted(self.step)
+        bar.close()
+        if self.best is None:
+            raise RuntimeError("training ended without a validation; check val_every and steps")
+        self._finish(out_model, out_log)
+
+    def _finish(self, out_model, out_log):
+        from .io import atomic_path, write_text
+        import json
+        import shutil
+
+        with atomic_path(out_model) as tmp:
+            shutil.copyfile(self.work.best, tmp)
+        write_text(out_log, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.log(f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}; "
+                 f"model written to {out_model}")
+
+
+# -- XE ------------------------------------------------------------------------------------------
+class CaptionBatches:
+    """XE training batches: `batch_size` (image, caption) pairs per step.
+
+    `captions_per_image: null` samples pairs uniformly, as the official code does (one sample =
+    one pair). An integer c instead samples batch_size/c images and takes c of each image's
+    captions (rotating through them from epoch to epoch): the visual encoder then runs once per
+    image instead of once per caption, which is most of the cost of a step on CPU. Both orders are
+    pure functions of (seed, epoch, offset), so a checkpoint can resume them exactly.
+    """
+
+    def __init__(self, records: list[ImageRecord], tok: CaptionTokenizer, max_len: int, seed: int,
+                 captions_per_image: int | None):
+        self.cpi = captions_per_image
+        self.image_of, texts, self.first = [], [], []
+        for i, r in enumerate(records):
+            self.first.append(len(texts))
+            for c in r.captions:
+                self.image_of.append(i)
+                texts.append(c)
+        self.n_caps = torch.tensor([len(r.captions) for r in records])
+        self.first = torch.tensor(self.first)
+        self.image_of = torch.tensor(self.image_of)
+        self.tokens = tok.batch_encode(texts, max_len)
+        self.sampler = runtime.EpochSampler(len(records) if self.cpi else len(texts), seed)
+
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image indices [I], caption ids [N, L], image row of each caption [N])."""
+        if not self.cpi:
+            idx = self.sampler.next(batch_size)
+            images, inverse = torch.unique(self.image_of[idx], return_inverse=True)
+            return images, self.tokens[idx], inverse
+        epoch = self.sampler.epoch
+        images = self.sampler.next(max(1, batch_size // self.cpi))
+        rows, owner = [], []
+        for k, i in enumerate(images.tolist()):
+            n = int(self.n_caps[i])
+            for j in range(min(self.cpi, n)):
+                rows.append(int(self.first[i]) + (epoch * self.cpi + j) % n)
+                owner.append(k)
+        return images, self.tokens[rows], torch.tensor(owner)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+def build_model(spec: dict, tok: CaptionTokenizer, feat_dim: int) -> Captioner:
+    m = spec["model"]
+    cfg = CaptionerConfig(feat_dim=feat_dim, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                          eos_id=tok.eos_id, d_model=m["d_model"], enc_layers=m["enc_layers"],
+                          dec_layers=m["dec_layers"], n_heads=m["n_heads"], d_ff=m["d_ff"], dropout=m["dropout"],
+                          max_dec_positions=m["max_dec_positions"])
+    return Captioner(cfg)
+
+
+def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_log, device: str, log=print):
+    cfg = spec["xe"]
+    train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
+    train_store = aligned_store(features["train"], train_records, "train")
+    val_store = aligned_store(features["val"], val_records, "val")
+    tok = CaptionTokenizer.build(spec["model"]["vocab"], (c for r in train_records for c in r.captions))
+    batches = CaptionBatches(train_records, tok, spec["model"]["max_caption_tokens"], spec["seed"],
+                             cfg["captions_per_image"])
+    log(f"XE: {len(train_records)} images, {len(batches.tokens)} captions, vocabulary {tok.vocab_size}, "
+        f"features {train_store.index['tokens']}x{train_store.dim}")
+
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec, tok, train_store.dim).to(device)
+    log(f"captioner: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    warmup = max(1, round(cfg["warmup_ratio"] * cfg["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
+                 Validator(val_store, val_records, spec, device), scheduler=sched)
+    amp, clip = spec["train"]["amp"], spec["train"]["max_grad_norm"]
+
+    def step():
+        total = 0.0
+        for _ in range(cfg["grad_accum"]):
+            images, caps, owner = batches.next(cfg["batch_size"])
+            caps = caps[:, : int((caps != tok.pad_id).sum(1).max())].to(device)
+            feats = train_store[images].to(device)
+            with runtime.autocast(device, amp):
+                memory = model.encode(feats)[owner.to(device)]   # each image encoded once
+                logits = model.decode(caps[:, :-1], memory)
+                loss = token_xe_loss(logits.float(), caps, tok.pad_id) / cfg["grad_accum"]
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return {"loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)}
+
+    loop.run(step, out_model, out_log)
+
+
+# -- fine-tuning: DiCO and SCST ------------------------------------------------------------------
+def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir, out_model, out_log,
+                   device: str, evaluators: dict, image_embs: dict, log=print):
+    """`evaluators[name]` are loaded clip_models; `image_embs[name][split]` their cached image
+    embeddings (train for the reward, val for validation)."""
+    from .rewards import build_reward
+
+    method = spec["method"]
+    cfg = {**spec[method], "validate_first": True}
+    train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
+    train_store = aligned_store(features["train"], train_records, "train")
+    val_store = aligned_store(features["val"], val_records, "val")
+    policy, tok, payload = load_captioner(init_model, device)
+    check_backbone(payload, train_store, init_model)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if method == "dico" else None
+    reward_fn = build_reward(spec["reward"], evaluators=evaluators,
+                             image_embs={n: e["train"] for n, e in image_embs.items() if "train" in e},
+                             train_refs=[list(r.captions) for r in train_records])
+    sel = spec["selection"]
+    scorers = {metric: (evaluators[sel[key]["model"]], image_embs[sel[key]["model"]]["val"],
+                        sel[key]["w"], sel[key]["prefix"])
+               for metric, key in (("CLIP-S", "clip_s"), ("PAC-S", "pac_s"))}
+    validator = Validator(val_store, val_records, spec, device, scorers)
+    log(f"{spec['run']}: {method} from {init_model} (XE step {payload['step']}), reward {spec['reward']}, "
+        f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}")
+
+    torch.manual_seed(spec["seed"])
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    sampler = runtime.EpochSampler(len(train_records), spec["seed"])
+    loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator)
+    k, max_len, amp = cfg["k"], spec["decoding"]["max_len"], spec["train"]["amp"]
+    gen_mode = cfg.get("generation_mode", "eval")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        times = {}
+        t = time.time()
+        idx = sampler.next(cfg["batch_images"])
+        feats = train_store[idx].to(device)
+        policy.train(gen_mode == "train")
+        with torch.no_grad(), runtime.autocast(device, amp):
+            beams, _ = beam_search(policy, policy.encode(feats), beam_size=k, max_len=max_len)
+        policy.train()
+        B = len(idx)
+        cands = beams.reshape(B * k, -1)
+        sync()
+        times["gen_s"] = time.time() - t
+
+        t = time.time()
+        texts = tok.decode_batch(cands)
+        rewards = reward_fn(texts, idx.repeat_interleave(k)).to(device).view(B, k)
+        times["reward_s"] = time.time() - t
+
+        t = time.time()
+        with runtime.autocast(device, amp):
+            logps = sequence_logprobs(policy, policy.encode(feats), cands, repeats=k).float().view(B, k)
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logps = sequence_logprobs(reference, reference.encode(feats), cands,
+                                                  repeats=k).float().view(B, k)
+        sync()
+        times["logprob_s"] = time.time() - t
+
+        t = time.time()
+        if method == "dico":
+            loss = dico_loss(logps, ref_logps, rewards, beta=cfg["beta"], tau=cfg["tau"])
+        else:
+            loss = scst_loss(logps, rewards)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), spec["train"]["max_grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times["backward_s"] = time.time() - t
+
+        stats = {"loss": loss.item(), "reward_mean": float(rewards.mean()),
+                 "reward_best": float(rewards.max(1).values.mean()), "grad_norm": float(grad_norm),
+                 "mean_len": float((cands != tok.pad_id).sum(1).float().mean() - 1),
+                 **{key: round(v, 4) for key, v in times.items()}}
+        if method == "dico":
+            stats.update(dico_diagnostics(logps, ref_logps, rewards, cfg["beta"], cfg["tau"]))
+        return stats
+
+    loop.run(step, out_model, out_log)

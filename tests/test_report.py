@@ -1,0 +1,382 @@
+"""Tables, figures, the `dico report` CLI and the report targets' dry-run DAGs."""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dico import config as dc
+from dico import report
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN_RUNS = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]
+SPEC = {
+    "report": {"reported": None, "qualitative_images": 3},
+    "scst_rewards": ["cider", "clip_s", "pac_s"],
+    "ablations": {"beta": {"1": "dico_beta-1", "0.05": "dico_beta-0.05", "0.2": "dico"},
+                  "reward": {"pac_s": "dico", "clip_s": "dico_reward-clip_s"}},
+    "dico": {"beta": 0.2, "tau": 300, "k": 5, "reward": "pac_s"},
+}
+SPICE_WHY = "skipped: CoreNLP jars not found in evaluate.spice_jar_dir"
+# Raw scores as pycocoevalcap returns them; the tables print x100.
+BASE = {"BLEU-1": 0.70, "BLEU-4": 0.30, "METEOR": 0.25, "ROUGE-L": 0.52, "CIDEr": 1.00, "SPICE": None,
+        "CLIP-S": 0.70, "RefCLIP-S": 0.75, "PAC-S": 0.80, "RefPAC-S": 0.85}
+
+
+def write_metrics(root, run, split="test", seed=0, **scores):
+    metrics = dict(BASE, **{k.replace("_", "-"): v for k, v in scores.items()})
+    path = Path(root) / "metrics" / run / f"{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "run": run, "split": split, "captions": f"results/captions/{run}/{split}.json", "n_images": 100,
+        "metrics": metrics, "reasons": {"SPICE": SPICE_WHY} if metrics["SPICE"] is None else {},
+        "extra": {}, "diversity": {},
+        "provenance": {"git_commit": f"commit-{run}", "config": {}, "seed": None, "versions": {},
+                       "device": "cpu", "wall_time_s": 1.0,
+                       "run_provenance": {"checkpoint": "x", "run": run, "seed": seed, "best_step": 10,
+                                          "val": {}, "spec": {}}}}))
+    return path
+
+
+def main_metrics(root):
+    """CIDEr rises XE -> DiCO; SCST (CIDEr) has the best CIDEr, DiCO the best PAC-S."""
+    cider = {"xe": 1.000, "scst_cider": 1.234, "scst_clip_s": 0.951, "scst_pac_s": 1.102, "dico": 1.151}
+    pac = {"xe": 0.801, "scst_cider": 0.812, "scst_clip_s": 0.823, "scst_pac_s": 0.835, "dico": 0.846}
+    return [write_metrics(root, r, CIDEr=cider[r], PAC_S=pac[r]) for r in MAIN_RUNS]
+
+
+def row_line(tex, label):
+    return next(line for line in tex.splitlines() if line.startswith(label + " &"))
+
+
+def cells(tex, label):
+    return [c.strip() for c in row_line(tex, label).removesuffix(r"\\").split("&")][1:]
+
+
+def splits_file(root, n_test=4):
+    """A split file with tiny JPEGs, as dico.data.load_split reads it."""
+    images = Path(root) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    test = []
+    for i in range(n_test):
+        Image.new("RGB", (16, 16), (40 * i, 100, 200)).save(images / f"{i}.jpg")
+        test.append({"image_id": i, "file": f"{i}.jpg", "captions": [f"a reference caption of image {i}"]})
+    path = Path(root) / "splits.json"
+    path.write_text(json.dumps({"format": "dico-splits-v1", "dataset": "demo", "image_root": str(images),
+                                "splits": {"train": test, "val": test, "test": test}}))
+    return path
+
+
+def cli(*argv):
+    parser = argparse.ArgumentParser(prog="dico")
+    report.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(map(str, argv)))
+    args.fn(args)
+
+
+# -- tables --------------------------------------------------------------------------------------
+def test_main_table_rows_columns_bold_scale_and_spice_note(tmp_path):
+    table = report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, dataset="demo")
+    tex = report.to_latex(table)
+    assert [r.key for r in table.rows] == MAIN_RUNS
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert "Method & B-4 & M & R & C & S & CLIP-S & RefCLIP-S & PAC-S & RefPAC-S \\\\" in tex
+    for label in ["XE", "SCST (CIDEr)", "SCST (CLIP-S)", "SCST (PAC-S)", "DiCO"]:
+        assert len(cells(tex, label)) == 9
+    # x100, one decimal; best per column in bold, the others not
+    assert cells(tex, "SCST (CIDEr)")[3] == r"\textbf{123.4}"
+    assert cells(tex, "DiCO")[3] == "115.1" and cells(tex, "DiCO")[7] == r"\textbf{84.6}"
+    assert cells(tex, "XE")[0] == "30.0"  # all rows equal: nothing stands out, nothing bold
+    # SPICE is null everywhere: a dash with a footnote giving the reason
+    assert all(cells(tex, label)[4] == "--$^{a}$" for label in ["XE", "DiCO"])
+    assert "$^{a}$SPICE: " + report.latex_escape(SPICE_WHY) in tex
+    assert "demo data" in table.caption and "not COCO" in table.caption
+
+
+def test_main_table_keeps_only_runs_with_metrics(tmp_path):
+    paths = main_metrics(tmp_path)
+    table = report.main_table(report.load_metrics([paths[4], paths[0]]), SPEC)
+    assert [r.key for r in table.rows] == ["xe", "dico"]  # paper order, whatever the input order
+    with pytest.raises(ValueError, match="several splits"):
+        report.main_table(report.load_metrics([paths[0], write_metrics(tmp_path, "dico", split="val")]), SPEC)
+
+
+def test_reported_delta_only_where_reported(tmp_path):
+    reported = tmp_path / "reported.yaml"
+    reported.write_text("tables:\n  main:\n    dico: {C: 113.0, PAC-S: null}\n    xe: {B-4: null}\n"
+                        "  ablation_beta:\n    0.05: {C: 100.0}\n")
+    numbers = report.load_reported(reported)
+    table = report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, numbers)
+    tex = report.to_latex(table)
+    assert cells(tex, "DiCO")[3] == r"115.1 {\scriptsize(+2.1)}"
+    assert cells(tex, "DiCO")[7] == r"\textbf{84.6}"  # null reported: no delta
+    assert "(" not in "".join(cells(tex, "XE"))
+    assert "reproduced minus the paper's reported value" in table.caption
+    frame = report.to_frame(table).set_index("row")
+    assert frame.loc["dico", "C_reported"] == 113.0
+    assert frame.loc["dico", "C_delta"] == pytest.approx(115.1 - 113.0)
+    assert pd.isna(frame.loc["xe", "C_delta"])
+    # YAML reads 0.05 as a float: rows are keyed like the config formats values
+    beta = tmp_path / "beta"
+    files = [write_metrics(beta, r, CIDEr=1.02) for r in SPEC["ablations"]["beta"].values()]
+    abl = report.ablation_table("beta", report.load_metrics(files), SPEC, numbers)
+    assert r"(+2.0)" in row_line(report.to_latex(abl), "0.05")
+
+
+def test_reported_numbers_with_an_unknown_column_fail(tmp_path):
+    reported = tmp_path / "reported.yaml"
+    reported.write_text("tables:\n  main:\n    dico: {CIDEr: 113.0}\n")
+    with pytest.raises(ValueError, match="unknown columns"):
+        report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, report.load_reported(reported))
+
+
+def test_shipped_paper_reported_yaml_is_all_null_and_matches_the_tables():
+    numbers = report.load_reported(REPO / "config" / "paper_reported.yaml")
+    assert set(numbers) == {"main", "ablation_beta", "ablation_tau", "ablation_k", "ablation_reward"}
+    columns = {"main": {c for c, _ in report.MAIN_COLUMNS}}
+    for table, rows in numbers.items():
+        for cols in rows.values():
+            assert set(cols) <= columns.get(table, {c for c, _ in report.ABLATION_COLUMNS})
+            assert all(v is None for v in cols.values()), "never invent numbers: fill them from the PDF"
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    ciders = [1.10, 1.16, 1.22]
+    paths = [write_metrics(tmp_path, f"dico_seed{s}", seed=s, CIDEr=c) for s, c in enumerate(ciders)]
+    paths.append(write_metrics(tmp_path, "xe", CIDEr=1.0))
+    table = report.main_table(report.load_metrics(paths), SPEC)
+    dico = next(r for r in table.rows if r.key == "dico")
+    assert len(dico.sources) == 3
+    std = statistics.stdev([100 * c for c in ciders])
+    assert cells(report.to_latex(table), "DiCO")[3] == rf"\textbf{{116.0}}{{\scriptsize$\,\pm\,${std:.1f}}}"
+    assert "Mean $\\pm$ std over 3 seeds" in table.caption
+    frame = report.to_frame(table).set_index("row")
+    assert frame.loc["dico", "seeds"] == 3 and frame.loc["dico", "C_std"] == pytest.approx(std)
+    assert frame.loc["dico", "runs"] == "dico_seed0;dico_seed1;dico_seed2"
+
+
+def test_ablation_table_sorted_with_default_marked(tmp_path):
+    files = [write_metrics(tmp_path, r, CIDEr=c) for r, c in
+             [("dico_beta-1", 1.05), ("dico", 1.15), ("dico_beta-0.05", 1.10)]]
+    table = report.ablation_table("beta", report.load_metrics(files), SPEC, dataset="coco")
+    assert [r.key for r in table.rows] == ["0.05", "0.2", "1"]
+    tex = report.to_latex(table)
+    assert r"$\beta$ & B-4 & M & C & CLIP-S & RefCLIP-S & PAC-S & RefPAC-S \\" in tex
+    assert cells(tex, r"0.2$^\dagger$")[2] == r"\textbf{115.0}"
+    assert "COCO" in table.caption and r"$^\dagger$Default of DiCO (0.2)" in tex
+    reward = report.ablation_table("reward", report.load_metrics(
+        [write_metrics(tmp_path / "r", r) for r in ["dico", "dico_reward-clip_s"]]), SPEC)
+    assert [r.label for r in reward.rows] == [r"PAC-S$^\dagger$", "CLIP-S"]  # config order
+    with pytest.raises(ValueError, match="not a point of ablation beta"):
+        report.ablation_table("beta", report.load_metrics([write_metrics(tmp_path, "scst_cider")]), SPEC)
+
+
+def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path):
+    paths = main_metrics(tmp_path / "results")
+    splits = splits_file(tmp_path)
+    out = tmp_path / "tables" / "main.tex"
+    cli("report", "table-main", "--spec-json", json.dumps(SPEC), "--metrics", *paths, "--splits", splits,
+        "--out", out)
+    tex, csv = out.read_text(), pd.read_csv(out.with_suffix(".csv"))
+    # the CSV twin holds the printed numbers, unrounded
+    assert list(csv["row"]) == MAIN_RUNS
+    labels = ["XE", "SCST (CIDEr)", "SCST (CLIP-S)", "SCST (PAC-S)", "DiCO"]
+    for label, (_, rec) in zip(labels, csv.iterrows()):
+        for col, shown in zip([c for c, _ in report.MAIN_COLUMNS], cells(tex, label)):
+            if pd.isna(rec[col]):
+                assert shown.startswith("--") and "SPICE: " + SPICE_WHY in rec["notes"]
+            else:
+                assert re.sub(r"\\textbf\{(.*)\}", r"\1", shown) == f"{rec[col]:.1f}"
+    prov = json.loads((tmp_path / "tables" / "main.provenance.json").read_text())
+    assert [i["path"] for i in prov["inputs"]] == [str(p) for p in paths] + [str(splits)]
+    assert prov["inputs"][0]["git_commit"] == "commit-xe" and prov["inputs"][0]["seed"] == 0
+    assert all(len(i["sha256"]) == 64 for i in prov["inputs"])
+    assert all(f"% " in tex.split(r"\begin{table}")[0] and str(p) in tex for p in paths)
+    assert not list(out.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+    abl = tmp_path / "tables" / "ablation_beta.tex"
+    files = [write_metrics(tmp_path / "results", r) for r in ["dico_beta-0.05", "dico_beta-1"]]
+    cli("report", "table-ablation", "--ablation", "beta", "--spec-json", json.dumps(SPEC),
+        "--metrics", *files, paths[-1], "--out", abl)
+    assert len(pd.read_csv(abl.with_suffix(".csv"))) == 3 and abl.with_suffix(".provenance.json").exists()
+
+
+# -- figures -------------------------------------------------------------------------------------
+def write_log(root, run, fine_tune):
+    rows = []
+    for step in range(10, 110, 10):
+        rows.append({"step": step, "phase": "train", "loss": 3.0 / step ** 0.3, "step_s": 0.1})
+        if step % 50 == 0:
+            val = {"CIDEr": 0.5 + step / 200}
+            if fine_tune:
+                val.update({"CLIP-S": 0.6, "RefCLIP-S": 0.65, "PAC-S": 0.7 + step / 1000, "RefPAC-S": 0.75})
+            rows.append({"step": step, "phase": "val", **val, "best": step == 100, "example": "a cat", "val_s": 1})
+    path = Path(root) / "runs" / run / "train_log.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_captions(root, run, n):
+    path = Path(root) / "captions" / run / "test.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"image_id": i, "caption": f"{run} says a fairly long caption about a "
+                                 f"red circle left of a blue square on image {i}"} for i in range(n)]))
+    return path
+
+
+def test_figures_pdf_png_and_provenance(tmp_path):
+    res, figs, spec = tmp_path / "results", tmp_path / "figures", json.dumps(SPEC)
+    logs = [write_log(res, r, r != "xe") for r in MAIN_RUNS]
+    metrics = main_metrics(res) + [write_metrics(res, r, CIDEr=1.1) for r in
+                                   ["dico_beta-0.05", "dico_beta-1", "dico_reward-clip_s"]]
+    splits = splits_file(tmp_path, n_test=4)
+    captions = [write_captions(res, r, 4) for r in MAIN_RUNS]
+    cli("report", "figure-training-curves", "--spec-json", spec, "--logs", *logs, "--out", figs / "training_curves.pdf")
+    cli("report", "figure-tradeoff", "--spec-json", spec, "--metrics", *metrics, "--out", figs / "tradeoff.pdf")
+    cli("report", "figure-ablations", "--spec-json", spec, "--metrics", *metrics[4:], "--out", figs / "ablations.pdf")
+    cli("report", "figure-qualitative", "--spec-json", spec, "--captions", *captions, "--splits", splits,
+        "--out", figs / "qualitative.pdf")
+    for stem in ["training_curves", "tradeoff", "ablations", "qualitative"]:
+        pdf, png = figs / f"{stem}.pdf", figs / f"{stem}.png"
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+        prov = json.loads((figs / f"{stem}.provenance.json").read_text())
+        assert prov["inputs"] and all(len(i["sha256"]) == 64 for i in prov["inputs"])
+    qual = json.loads((figs / "qualitative.provenance.json").read_text())
+    assert len(qual["image_ids"]) == 3  # report.qualitative_images of the spec
+    assert {i["path"] for i in qual["inputs"]} >= {str(p) for p in captions} | {str(splits)}
+    curves = json.loads((figs / "training_curves.provenance.json").read_text())
+    assert [i["run"] for i in curves["inputs"]] == MAIN_RUNS
+
+
+def test_ablations_figure_without_ablations(tmp_path):
+    cli("report", "figure-ablations", "--spec-json", json.dumps({**SPEC, "ablations": {}}), "--metrics",
+        "--out", tmp_path / "ablations.pdf")
+    assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+# -- workflow ------------------------------------------------------------------------------------
+def test_report_captions_exist():
+    smk = (REPO / "workflow" / "rules" / "report.smk").read_text()
+    captions = set(re.findall(r'"\.\./report/([^"{}]+\.rst)"', smk))
+    captions |= {f"figure_{name}.rst" for name in ["training_curves", "tradeoff", "ablations", "qualitative"]}
+    assert all((REPO / "workflow" / "report" / c).exists() for c in captions)
+    assert (REPO / "workflow" / "report" / "workflow.rst").exists()
+
+
+def planned_jobs(output):
+    """[(rule, {wildcard: value})] of the jobs in snakemake's (dry-)run output."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if head:
+            wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+            jobs.append((head.group(1), dict(kv.split("=", 1) for kv in wc.group(1).split(", ")) if wc else {}))
+    return jobs
+
+
+def dry_run(target):
+    """The jobs `snakemake -n -F target` plans (all of them, whatever is already built)."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-F", "--nolock", target], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return planned_jobs(proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def demo_config():
+    return dc.load(REPO / "config" / "config.yaml")
+
+
+@pytest.mark.parametrize("target", ["table_main", "ablation_beta", "figure_training_curves", "figure_ablations"])
+def test_report_targets_plan_only_their_own_runs(target, demo_config):
+    ablations = dc.ablation_runs(demo_config)
+    main = ["xe"] + [f"scst_{r}" for r in demo_config["scst"]["rewards"]] + ["dico"]
+    every_ablation = {r for points in ablations.values() for r in points.values()}
+    expected = {  # target -> (runs trained, (run, split) evaluated, report jobs)
+        "table_main": (set(main), {(r, "test") for r in main}, {"table_main"}),
+        "ablation_beta": ({"xe", *ablations["beta"].values()}, {(r, "test") for r in ablations["beta"].values()},
+                          {"table_ablation", "ablation_beta"}),
+        "figure_training_curves": (set(main), set(), {"figure_training_curves"}),
+        "figure_ablations": ({"xe"} | every_ablation, {(r, "test") for r in every_ablation}, {"figure_ablations"}),
+    }[target]
+    jobs = dry_run(target)
+    trained = {wc.get("run", "xe") for rule, wc in jobs if rule.startswith("train_") and rule != "train_clip"}
+    evaluated = {(wc["run"], wc["eval_split"]) for rule, wc in jobs if rule == "evaluate"}
+    reporting = {rule for rule, _ in jobs if rule.startswith(("table_", "figure", "ablation_", "tables"))}
+    assert (trained, evaluated, reporting) == expected
+    if target == "ablation_beta":
+        assert not any(r.startswith("scst_") for r in trained)
+        assert [wc for rule, wc in jobs if rule == "table_ablation"] == [{"ablation": "beta"}]
+
+
+DICO_STANDIN = """#!{python}
+# `dico` with only the report sub-commands, whatever state dico/cli.py is in.
+import argparse, logging, sys
+sys.path.insert(0, {repo!r})
+logging.basicConfig(level=logging.INFO)
+from dico import report
+parser = argparse.ArgumentParser(prog="dico")
+report.register(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args()
+args.fn(args)
+"""
+
+
+def test_report_rules_run_and_rebuild_only_on_their_inputs(tmp_path, demo_config):
+    """The rules' shell commands work, and changing one ablation's metrics or grid rebuilds only
+    the targets that read them."""
+    import shutil
+
+    for item in ["Snakefile", "workflow", "config", "envs"]:
+        copy = shutil.copytree if (REPO / item).is_dir() else shutil.copy
+        copy(REPO / item, tmp_path / item)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dico").write_text(DICO_STANDIN.format(python=sys.executable, repo=str(REPO)))
+    (bin_dir / "dico").chmod(0o755)
+    res = tmp_path / "results"
+    for i, run in enumerate(dc.runs(demo_config)):  # everything upstream, as files
+        write_metrics(res, run, CIDEr=1 + i / 50, PAC_S=0.8 + i / 300)
+    splits_file(res / "data")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    # Only the report rules: the metrics files count as sources, nothing upstream is planned.
+    allowed = ["table_main", "table_ablation", "figure_ablations", "ablation_beta", "ablation_tau"]
+
+    def snakemake(*targets, dry=True):
+        flags = ["-n"] if dry else []
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-c2", *flags, "--allowed-rules", *allowed,
+                               "--", *targets],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {rule + "".join(f"[{v}]" for v in wc.values()) for rule, wc in planned_jobs(proc.stdout + proc.stderr)}
+
+    targets = ["table_main", "ablation_beta", "ablation_tau", "figure_ablations"]
+    snakemake(*targets, dry=False)
+    for out in ["tables/main.tex", "tables/ablation_beta.csv", "tables/ablation_tau.provenance.json",
+                "figures/ablations.pdf", "figures/ablations.png"]:
+        assert (res / out).stat().st_size > 0
+    assert "ablation beta table: 3 rows" in (res / "logs/report/table_ablation_beta.log").read_text()
+    assert snakemake(*targets) == set()  # up to date
+    # New numbers for one tau point: the tau table and the ablations figure, nothing else.
+    path = res / "metrics" / ablations_run(demo_config, "tau") / "test.json"
+    path.write_text(path.read_text().replace('"CIDEr": 1.', '"CIDEr": 2.'))
+    assert snakemake(*targets) == {"table_ablation[tau]", "ablation_tau", "figure_ablations"}
+    # A new tau value in the config: the beta and main tables keep their params, so stay built.
+    config = tmp_path / "config" / "config.yaml"
+    config.write_text(re.sub(r"tau: \[(.*)\]", r"tau: [\1, 3]", config.read_text()))
+    assert snakemake("table_main", "ablation_beta") == set()
+
+
+def ablations_run(config, name):
+    """A non-default run of ablation `name`."""
+    return next(r for r in dc.ablation_runs(config)[name].values() if r != "dico")

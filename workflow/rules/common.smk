@@ -1,0 +1,120 @@
+# Config validation (schema defaults filled in), the runs the config asks for, and path helpers.
+# The logic lives in dico.config so that `dico <step> --config ...` by hand resolves exactly the
+# same settings as the rules do.
+import json
+import re
+
+from dico import config as dc
+
+
+dc.validate(config, "config")
+
+RUNS = dc.runs(config)
+FINETUNE_RUNS = [r for r in RUNS if r != "xe"]
+BACKBONE = config["features"]["backbone"]
+EVAL_SPLITS = config["evaluate"]["splits"]
+ABLATIONS = dc.ablation_runs(config)
+
+
+wildcard_constraints:
+    split="train|val|test",
+    eval_split="val|test",
+    run="|".join(map(re.escape, RUNS)),
+    name="|".join(config["clip_models"]) or "none",
+    reward="|".join(config["scst"]["rewards"]) or "none",
+
+
+def spec(obj):
+    """A step's settings as one shell-quoted JSON argument (Snakemake reruns a job when it changes)."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def clip_model_path(name):
+    return dc.clip_model_spec(config, name)["path"]
+
+
+def splits_file():
+    return "results/data/splits.json"
+
+
+def features_index(split):
+    return f"results/features/{BACKBONE}/{split}/index.json"
+
+
+def embeddings_file(name, split):
+    return f"results/embeddings/{name}/{split}.pt"
+
+
+def run_clip_models(run):
+    """clip_models a fine-tuning run loads (reward model + validation scorers)."""
+    return list(dc.run_spec(config, run).get("clip_models", {}))
+
+
+def finetune_inputs(wildcards):
+    spec_ = dc.run_spec(config, wildcards.run)
+    names = list(spec_["clip_models"])
+    reward_model = spec_["reward"].get("model")
+    files = {
+        "init": "results/runs/xe/model.pt",
+        "splits": splits_file(),
+        "features_train": features_index("train"),
+        "features_val": features_index("val"),
+    }
+    for n in names:
+        files[f"ckpt_{n}"] = clip_model_path(n)
+        files[f"emb_{n}_val"] = embeddings_file(n, "val")
+    if reward_model:
+        files[f"emb_{reward_model}_train"] = embeddings_file(reward_model, "train")
+    return files
+
+
+def finetune_args(wildcards, input):
+    """--clip-model / --embeddings arguments matching finetune_inputs."""
+    args = []
+    for key, path in input.items():
+        if key.startswith("ckpt_"):
+            args.append(f"--clip-model {key[5:]}={path}")
+        elif key.startswith("emb_"):
+            name, split = key[4:].rsplit("_", 1)
+            args.append(f"--embeddings {name}:{split}={path}")
+    return " ".join(args)
+
+
+EVAL_MODELS = list(dc.evaluate_spec(config)["clip_models"])
+
+
+def evaluate_inputs(wildcards):
+    files = {
+        "captions": f"results/captions/{wildcards.run}/{wildcards.eval_split}.json",
+        "model": f"results/runs/{wildcards.run}/model.pt",
+        "splits": splits_file(),
+    }
+    for n in EVAL_MODELS:
+        files[f"ckpt_{n}"] = clip_model_path(n)
+        files[f"emb_{n}"] = embeddings_file(n, wildcards.eval_split)
+    return files
+
+
+def evaluate_args(wildcards, input):
+    return " ".join(
+        f"--clip-model {n}={input[f'ckpt_{n}']} --embeddings {n}={input[f'emb_{n}']}"
+        for n in EVAL_MODELS
+    )
+
+
+def metrics_file(run, split):
+    return f"results/metrics/{run}/{split}.json"
+
+
+def all_metrics(runs=None):
+    return [metrics_file(r, s) for r in (runs or RUNS) for s in EVAL_SPLITS]
+
+
+def ablation_metrics(name):
+    return [metrics_file(r, "test") for r in ABLATIONS.get(name, {}).values()]
+
+
+MAIN_RUNS = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
+TABLES = ["results/tables/main.tex"] + [f"results/tables/ablation_{a}.tex" for a in ABLATIONS]
+FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
+FIGURES = [f"results/figures/{f}.pdf" for f in FIGURE_NAMES]

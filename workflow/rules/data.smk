@@ -1,0 +1,46 @@
+# Stage 1-2: the data. The demo generates images and captions in the Karpathy schema; COCO comes
+# as dataset_coco.json + images. Both end in one normalised split file.
+
+
+rule make_demo_data:
+    output:
+        "results/data/demo/dataset_demo.json",
+    params:
+        spec=spec(dc.demo_spec(config)),
+    log:
+        "results/logs/make_demo_data.log",
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "dico make-demo-data --spec-json {params.spec:q} --out-dir $(dirname {output}) > {log} 2>&1"
+
+
+def karpathy_source():
+    if config["data"]["source"] == "demo":
+        return {"karpathy": rules.make_demo_data.output[0]}
+    return {"karpathy": config["data"]["karpathy_json"]}
+
+
+def image_root():
+    if config["data"]["source"] == "demo":
+        return "results/data/demo/images"
+    return config["data"]["image_root"]
+
+
+rule prepare_splits:
+    input:
+        unpack(lambda wc: karpathy_source()),
+    output:
+        splits_file(),
+    params:
+        image_root=image_root(),
+        max_refs=(
+            f"--max-refs {config['data']['max_refs']}" if config["data"]["max_refs"] else ""
+        ),
+    log:
+        "results/logs/prepare_splits.log",
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "dico prepare-splits --karpathy-json {input.karpathy} --image-root {params.image_root}"
+        " {params.max_refs} --out {output} > {log} 2>&1"

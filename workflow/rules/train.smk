@@ -1,0 +1,51 @@
+# Stages 4-6: XE pre-training, then fine-tuning from the best XE checkpoint: SCST with each
+# configured reward, DiCO, and one DiCO run per ablation point. Resumable state lives in
+# results/runs/<run>/work/ (not a declared output, so --rerun-incomplete keeps it).
+
+
+rule train_xe:
+    input:
+        splits=splits_file(),
+        features_train=features_index("train"),
+        features_val=features_index("val"),
+    output:
+        model="results/runs/xe/model.pt",
+        log="results/runs/xe/train_log.jsonl",
+    params:
+        spec=spec(dc.run_spec(config, "xe")),
+    threads: 2
+    log:
+        "results/logs/train/xe.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "dico train --run xe --spec-json {params.spec:q} --splits {input.splits}"
+        " --features-train {input.features_train} --features-val {input.features_val}"
+        " --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
+
+
+rule train_scst:
+    input:
+        unpack(finetune_inputs),
+    output:
+        model="results/runs/{run}/model.pt",
+        log="results/runs/{run}/train_log.jsonl",
+    wildcard_constraints:
+        run="scst_[a-z0-9_]+",
+    params:
+        spec=lambda wc: spec(dc.run_spec(config, wc.run)),
+        models=finetune_args,
+    threads: 1
+    log:
+        "results/logs/train/{run}.log",
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "dico train --run {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
+        " --init {input.init} --features-train {input.features_train} --features-val {input.features_val}"
+        " {params.models} --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
+
+
+use rule train_scst as train_dico with:
+    wildcard_constraints:
+        run="dico(_[a-z]+-[^/]+)?",
