@@ -5,7 +5,7 @@ resolved, validated slice of the config, see dico.config.*_spec) or from `--conf
 validated against the same schema). Paths of inputs and outputs are explicit arguments.
 
     dico make-demo-data --out-dir results/data/demo
-    dico train --run xe --splits results/data/splits.json --features-train ... --out-model ...
+    dico train xe --splits results/data/splits.json --features-train ... --out-model ...
     dico evaluate --captions my_captions.json --refs dataset_coco.json --images coco/val2014 ...
 """
 from __future__ import annotations
@@ -145,14 +145,20 @@ def cmd_train(args):
     from .runtime import configure
     from .train import train_finetune, train_xe
 
+    from .runtime import Dist
+
     spec = _spec(args, lambda c: C.run_spec(c, args.run))
-    configure(spec["seed"], spec["deterministic"], args.threads)
-    device = _device(spec["device"])
+    dist = Dist()
+    configure(spec["seed"] + dist.rank, spec["deterministic"], args.threads)  # dropout differs per rank
+    device = dist.setup(_device(spec["device"]))
+    if not dist.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    log.info("device %s, %d process(es)", device, dist.world)
     features = {"train": args.features_train, "val": args.features_val}
     out = dict(work_dir=args.work_dir or str(Path(args.out_model).parent / "work"),
                out_model=args.out_model, out_log=args.out_log)
     if spec["method"] == "xe":
-        return train_xe(spec, args.splits, features, device=device, log=log.info, **out)
+        return train_xe(spec, args.splits, features, device=device, log=log.info, dist=dist, **out)
     if not args.init:
         raise SystemExit(f"run {spec['run']} fine-tunes a model: pass --init <XE checkpoint>")
     ckpts = _parse_named(args.clip_model, "clip-model")
@@ -165,7 +171,17 @@ def cmd_train(args):
         if "val" not in image_embs[name]:
             raise SystemExit(f"--embeddings {name}:val=PATH is required (validation scores with {name})")
     train_finetune(spec, args.splits, features, args.init, evaluators=evaluators, image_embs=image_embs,
-                   device=device, log=log.info, **out)
+                   device=device, log=log.info, dist=dist, **out)
+
+
+def _per_split(args, *names):
+    """--split S [S ...] with one --<name> per split, in the same order."""
+    for name in names:
+        values = getattr(args, name)
+        if len(values) != len(args.split):
+            raise SystemExit(f"give one --{name.replace('_', '-')} per --split ({len(args.split)} splits, "
+                             f"{len(values)} --{name.replace('_', '-')})")
+    return [dict(zip(("split", *names), row)) for row in zip(args.split, *(getattr(args, n) for n in names))]
 
 
 def cmd_generate(args):
@@ -178,56 +194,67 @@ def cmd_generate(args):
     configure(0, True, args.threads)
     device = _device(s["device"])
     model, tok, payload = load_captioner(args.model, device)
-    records = load_split(args.splits, args.split)
-    store = aligned_store(args.features, records, args.split)
-    check_backbone(payload, store, args.model)
     dec = s["decoding"]
-    t0 = time.time()
-    caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
-                             max_len=dec["max_len"], batch_size=dec["batch_size"], device=device, amp=s["amp"],
-                             progress=True)
-    write_json(args.out, [{"image_id": r.image_id, "caption": c} for r, c in zip(records, caps)])
-    log.info("%d captions in %.1fs -> %s (e.g. %r)", len(caps), time.time() - t0, args.out, caps[0])
+    for job in _per_split(args, "features", "out"):
+        records = load_split(args.splits, job["split"])
+        store = aligned_store(job["features"], records, job["split"])
+        check_backbone(payload, store, args.model)
+        t0 = time.time()
+        caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
+                                 max_len=dec["max_len"], batch_size=dec["batch_size"], device=device,
+                                 amp=s["amp"], progress=True)
+        write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, caps)])
+        log.info("%s: %d captions in %.1fs -> %s (e.g. %r)", job["split"], len(caps), time.time() - t0,
+                 job["out"], caps[0])
 
 
 def cmd_evaluate(args):
-    from .data import ImageRecord, load_split
-    from .evaluate import embed_images, load_captions, load_references, score
-    from .io import provenance, write_json
+    """Score captions of one or more splits (one process: the METEOR JVM starts once)."""
+    from .data import load_split
     from .runtime import configure
 
-    t0 = time.time()
     s = _spec(args, C.evaluate_spec)
     if args.no_meteor:
         s["meteor"] = False
     configure(0, True, args.threads)
     device = _device(s["device"])
-    captions = load_captions(args.captions)
+    ckpts = _parse_named(args.clip_model, "clip-model")
+    evaluators = {name: _load_clip(m, ckpts.get(name), device) for name, m in s["clip_models"].items()}
+    jobs = _per_split(args, "captions", "out")
+    train_caps = ([c for r in load_split(args.splits, "train") for c in r.captions] if args.splits else [])
+    for job in jobs:
+        _evaluate_split(args, s, job, evaluators, train_caps, device)
+
+
+def _evaluate_split(args, s, job, evaluators, train_caps, device):
+    from .data import ImageRecord, load_split
+    from .evaluate import embed_images, load_captions, load_references, score
+    from .io import provenance, write_json
+
+    t0, split = time.time(), job["split"]
+    captions = load_captions(job["captions"])
     if args.splits:
-        records = load_split(args.splits, args.split)
-        train_caps = [c for r in load_split(args.splits, "train") for c in r.captions]
+        records = load_split(args.splits, split)
     else:  # outside the DAG: any references file + an image folder
         if not (args.refs and args.images):
             raise SystemExit("give --splits (inside the pipeline) or --refs FILE and --images DIR")
-        refs = load_references(args.refs, args.split)
+        refs = load_references(args.refs, split)
         ids = [i for i in captions if i in refs] if args.subset else list(refs)
         records = [ImageRecord(i, _find_image(Path(args.images), i), tuple(refs[i])) for i in ids]
-        train_caps = []
-    ckpts, embs = _parse_named(args.clip_model, "clip-model"), _parse_named(args.embeddings, "embeddings")
-    evaluators, image_embs = {}, {}
-    for name, mspec in s["clip_models"].items():
-        evaluators[name] = _load_clip(mspec, ckpts.get(name), device)
-        image_embs[name] = (_load_embeddings(embs[name], records).to(device) if name in embs else
-                            embed_images(evaluators[name], [r.path for r in records], device=device,
-                                         split=args.split).to(device))
+    embs = _parse_named(args.embeddings, "embeddings")
+    image_embs = {}
+    for name, evaluator in evaluators.items():
+        key = f"{name}:{split}"
+        image_embs[name] = (_load_embeddings(embs[key], records).to(device) if key in embs else
+                            embed_images(evaluator, [r.path for r in records], device=device,
+                                         split=split).to(device))
     result = score(captions, records, s, evaluators, image_embs, train_caps)
-    m = result["metrics"]
-    write_json(args.out, {"run": args.run, "split": args.split, "captions": str(args.captions),
-                          "n_images": len(records), **result,
-                          "provenance": provenance(s, seed=None, device=device, wall_time_s=time.time() - t0,
-                                                   run_provenance=_run_provenance(args.model_checkpoint))})
-    log.info("%s/%s: %s", args.run, args.split,
-             ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in m.items()))
+    write_json(job["out"], {"run": args.run, "split": split, "captions": str(job["captions"]),
+                            "n_images": len(records), **result,
+                            "provenance": provenance(s, seed=None, device=device, wall_time_s=time.time() - t0,
+                                                     run_provenance=_run_provenance(args.model_checkpoint))})
+    log.info("%s/%s: %s", args.run, split, ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
+                                                      for k, v in result["metrics"].items()))
 
 
 def _run_provenance(checkpoint: str | None) -> dict | None:
@@ -296,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run: xe, scst_<reward>, dico, dico_<ablation>-<value>")
     _common(p)
-    p.add_argument("--run", required=True)
+    p.add_argument("run", help="run name (positional: torchrun would take --run for its --run-path)")
     p.add_argument("--splits", required=True)
     p.add_argument("--features-train", required=True)
     p.add_argument("--features-val", required=True)
@@ -308,29 +335,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-log", required=True)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("generate", help="beam-search captions of one split (COCO result format)")
+    p = sub.add_parser("generate", help="beam-search captions of one or more splits (COCO result format)")
     _common(p)
     p.add_argument("--model", required=True)
     p.add_argument("--splits", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--features", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--split", nargs="+", required=True)
+    p.add_argument("--features", nargs="+", required=True, help="feature index per split")
+    p.add_argument("--out", nargs="+", required=True, help="captions JSON per split")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="score a COCO-format captions file (in or outside the pipeline)")
+    p = sub.add_parser("evaluate", help="score COCO-format captions files (in or outside the pipeline)")
     _common(p)
-    p.add_argument("--captions", required=True, help='[{"image_id": ..., "caption": ...}, ...]')
-    p.add_argument("--split", default="test")
+    p.add_argument("--captions", nargs="+", required=True, help='per split: [{"image_id": ..., "caption": ...}, ...]')
+    p.add_argument("--split", nargs="+", default=["test"])
     p.add_argument("--splits", help="normalised split file (pipeline)")
     p.add_argument("--refs", help="references: Karpathy dataset_*.json, COCO captions_*.json or a split file")
     p.add_argument("--images", help="image folder (with --refs)")
     p.add_argument("--subset", action="store_true", help="score only the referenced images that have captions")
     p.add_argument("--clip-model", action="append", help="NAME=PATH overriding clip_models.<NAME>.path")
-    p.add_argument("--embeddings", action="append", help="NAME=PATH of cached image embeddings of the split")
+    p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
     p.add_argument("--no-meteor", action="store_true")
     p.add_argument("--run", default="external")
     p.add_argument("--model-checkpoint", help="captioner checkpoint, for provenance")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split")
     p.set_defaults(fn=cmd_evaluate)
 
     from . import report

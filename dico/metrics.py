@@ -94,15 +94,29 @@ def _spice(gts: dict, res: dict, spice_jar_dir, notes: dict) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # the COCO suite
 
+_METEOR = None
+
+
+def _meteor_scorer():
+    """One METEOR JVM per process: starting it (loading the paraphrase tables) costs ~12 s, scoring
+    a split well under a second, so scoring several splits in one process shares the start-up."""
+    global _METEOR
+    if _METEOR is None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
 def _meteor(gts: dict, res: dict, enabled: bool, notes: dict) -> float | None:
+    global _METEOR
     if not enabled:
         notes["METEOR"] = "disabled in config"
         return None
-    from pycocoevalcap.meteor.meteor import Meteor
-
     try:
-        return float(Meteor().compute_score(gts, res)[0])
+        return float(_meteor_scorer().compute_score(gts, res)[0])
     except Exception as e:  # BrokenPipeError: the JVM died (too little memory for -Xmx2G, no java)
+        _METEOR = None
         notes["METEOR"] = f"failed: {type(e).__name__}: {e}"
         return None
 
@@ -135,12 +149,13 @@ def coco_metrics(refs: dict, cands: dict, meteor: bool = True,
 # diversity and fluency
 
 def _has_repeat(words: list[str]) -> bool:
-    """A degenerate repetition: the same word twice in a row ("a a"), or a word bigram occurring twice
-    ("on the table on the table")."""
+    """A degenerate repetition: the same word twice in a row ("a a"), or a word trigram occurring
+    twice ("on the table on the table"). Trigrams, not bigrams: listing objects repeats bigrams
+    naturally ("a large red circle and a large blue box")."""
     if any(a == b for a, b in zip(words, words[1:])):
         return True
-    bigrams = list(zip(words, words[1:]))
-    return len(set(bigrams)) < len(bigrams)
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) < len(trigrams)
 
 
 def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
@@ -148,7 +163,7 @@ def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
 
     vocab_size: distinct words over all candidates; novel_pct: % of candidates whose normalised string never
     occurs among the normalised training captions; mean_length: words per candidate; distinct_1 / distinct_2:
-    distinct n-grams / n-grams over the whole set; repeat_pct: % of candidates with a repeated word or bigram
+    distinct n-grams / n-grams over the whole set; repeat_pct: % of candidates with a repeated word or trigram
     (see `_has_repeat`). cands: {id: str} (or {id: [str]}) or a list of str."""
     texts = list(cands.values()) if isinstance(cands, dict) else list(cands)
     texts = [t[0] if isinstance(t, (list, tuple)) else t for t in texts]

@@ -150,3 +150,85 @@ class WorkDir:
     def write_log(self, rows: list[dict]) -> None:
         with atomic_path(self.log_file) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# -- multi-GPU (torchrun) ---------------------------------------------------------------------------
+class Dist:
+    """Rank and world size of a `torchrun` launch; world 1 (no process group) otherwise.
+
+    Batches are GLOBAL: every rank draws the same global batch from the shared-seed sampler and takes
+    its own contiguous share, losses are normalised by global counts and gradients are summed across
+    ranks, so N processes compute the same update as one process with the same global batch.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self, device: str) -> str:
+        """Join the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
+        if not self.enabled:
+            return device
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            torch.cuda.set_device(self.local_rank)
+            device = f"cuda:{self.local_rank}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return device
+
+    def share(self, n: int, what: str = "batch") -> slice:
+        """This rank's contiguous part of a global batch of n items."""
+        if n % self.world:
+            raise ValueError(f"a global {what} of {n} does not split evenly over {self.world} processes")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def sum_gradients(self, params) -> None:
+        """All-reduce (sum) the gradients in one flat buffer: losses are already normalised globally."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def gather(self, obj):
+        """Every rank's `obj` on every rank (a list indexed by rank)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()

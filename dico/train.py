@@ -131,8 +131,10 @@ class _Loop:
     """Step counting, validation, checkpoints, logging and resume for one run."""
 
     def __init__(self, spec: dict, method_cfg: dict, work_dir, log, model, optimizer, sampler,
-                 store: FeatureStore, tok: CaptionTokenizer, validator: Validator, scheduler=None):
+                 store: FeatureStore, tok: CaptionTokenizer, validator: Validator, scheduler=None,
+                 dist: runtime.Dist | None = None):
         self.spec, self.cfg, self.log = spec, method_cfg, log
+        self.dist = dist or runtime.Dist()
         self.work = runtime.WorkDir(work_dir)
         self.model, self.opt, self.sampler, self.sched = model, optimizer, sampler, scheduler
         self.store, self.tok, self.validator = store, tok, validator
@@ -152,19 +154,29 @@ class _Loop:
         if self.sched is not None:
             self.sched.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        runtime.set_rng_state(state["rng"])
+        rngs = state["rng"]  # one RNG state per rank (dropout differs between ranks)
+        if len(rngs) != self.dist.world:
+            raise ValueError(f"{self.work.last} was written by {len(rngs)} processes, this run has "
+                             f"{self.dist.world}; resume with the same number of GPUs or delete it")
+        runtime.set_rng_state(rngs[self.dist.rank])
         self.step, self.best, self.rows = state["step"], state["best"], state["rows"]
         self.log(f"resumed from step {self.step} ({self.work.last})")
 
     def _checkpoint(self):
-        self.work.save_last({"spec": self.spec, "step": self.step, "model": self.model.state_dict(),
-                             "optimizer": self.opt.state_dict(),
-                             "scheduler": self.sched.state_dict() if self.sched is not None else None,
-                             "sampler": self.sampler.state_dict(), "rng": runtime.rng_state(),
-                             "best": self.best, "rows": self.rows})
-        self.work.write_log(self.rows)
+        rngs = self.dist.gather(runtime.rng_state())
+        if self.dist.main:
+            self.work.save_last({"spec": self.spec, "step": self.step, "model": self.model.state_dict(),
+                                 "optimizer": self.opt.state_dict(),
+                                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                                 "sampler": self.sampler.state_dict(), "rng": rngs,
+                                 "best": self.best, "rows": self.rows})
+            self.work.write_log(self.rows)
+        self.dist.barrier()
 
     def _validate(self):
+        """On the main process only (the others wait at the next checkpoint's barrier)."""
+        if not self.dist.main:
+            return
         t0 = time.time()
         metrics = self.validator(self.model, self.tok)
         key = self.cfg["select_by"]
@@ -189,7 +201,8 @@ class _Loop:
             self.model.eval()
             self._validate()  # the starting point: a fine-tuned model must beat it to be selected
         self.model.train()
-        bar = tqdm(total=total, initial=self.step, desc=self.spec["run"], unit="step", mininterval=2.0)
+        bar = tqdm(total=total, initial=self.step, desc=self.spec["run"], unit="step", mininterval=2.0,
+                   disable=not self.dist.main)
         while self.step < total:
             t0 = time.time()
             stats = step_fn()
@@ -203,14 +216,16 @@ class _Loop:
                 self._validate()
                 self.model.train()
                 self._checkpoint()
-            if self.stop.requested:
+            if self.dist.any(self.stop.requested):
                 self._checkpoint()
                 bar.close()
                 raise runtime.Preempted(self.step)
         bar.close()
-        if self.best is None:
-            raise RuntimeError("training ended without a validation; check val_every and steps")
-        self._finish(out_model, out_log)
+        if self.dist.main:
+            if self.best is None:
+                raise RuntimeError("training ended without a validation; check val_every and steps")
+            self._finish(out_model, out_log)
+        self.dist.barrier()
 
     def _finish(self, out_model, out_log):
         from .io import atomic_path, write_text
@@ -250,21 +265,17 @@ class CaptionBatches:
         self.tokens = tok.batch_encode(texts, max_len)
         self.sampler = runtime.EpochSampler(len(records) if self.cpi else len(texts), seed)
 
-    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image indices [I], caption ids [N, L], image row of each caption [N])."""
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(caption ids [N, L], image index of each caption [N]); captions of an image are adjacent."""
         if not self.cpi:
             idx = self.sampler.next(batch_size)
-            images, inverse = torch.unique(self.image_of[idx], return_inverse=True)
-            return images, self.tokens[idx], inverse
+            return self.tokens[idx], self.image_of[idx]
         epoch = self.sampler.epoch
-        images = self.sampler.next(max(1, batch_size // self.cpi))
-        rows, owner = [], []
-        for k, i in enumerate(images.tolist()):
+        rows = []
+        for i in self.sampler.next(max(1, batch_size // self.cpi)).tolist():
             n = int(self.n_caps[i])
-            for j in range(min(self.cpi, n)):
-                rows.append(int(self.first[i]) + (epoch * self.cpi + j) % n)
-                owner.append(k)
-        return images, self.tokens[rows], torch.tensor(owner)
+            rows += [int(self.first[i]) + (epoch * self.cpi + j) % n for j in range(min(self.cpi, n))]
+        return self.tokens[rows], self.image_of[rows]
 
     def state_dict(self):
         return self.sampler.state_dict()
@@ -282,8 +293,10 @@ def build_model(spec: dict, tok: CaptionTokenizer, feat_dim: int) -> Captioner:
     return Captioner(cfg)
 
 
-def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_log, device: str, log=print):
-    cfg = spec["xe"]
+def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_log, device: str, log=print,
+             dist: runtime.Dist | None = None):
+    """XE pre-training. `xe.batch_size` captions per forward pass (global: split over processes)."""
+    cfg, dist = spec["xe"], dist or runtime.Dist()
     train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
     train_store = aligned_store(features["train"], train_records, "train")
     val_store = aligned_store(features["val"], val_records, "val")
@@ -300,21 +313,30 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     warmup = max(1, round(cfg["warmup_ratio"] * cfg["steps"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
-                 Validator(val_store, val_records, spec, device), scheduler=sched)
+                 Validator(val_store, val_records, spec, device), scheduler=sched, dist=dist)
     amp, clip = spec["train"]["amp"], spec["train"]["max_grad_norm"]
 
     def step():
         total = 0.0
         for _ in range(cfg["grad_accum"]):
-            images, caps, owner = batches.next(cfg["batch_size"])
+            caps, image_of = batches.next(cfg["batch_size"])
+            global_tokens = int((caps[:, 1:] != tok.pad_id).sum())   # the mean is over the global batch
+            mine = dist.share(len(caps), "xe.batch_size")
+            caps, image_of = caps[mine], image_of[mine]
             caps = caps[:, : int((caps != tok.pad_id).sum(1).max())].to(device)
+            images, owner = torch.unique(image_of, return_inverse=True)
             feats = train_store[images].to(device)
             with runtime.autocast(device, amp):
-                memory = model.encode(feats)[owner.to(device)]   # each image encoded once
-                logits = model.decode(caps[:, :-1], memory)
-                loss = token_xe_loss(logits.float(), caps, tok.pad_id) / cfg["grad_accum"]
+                # each image is encoded, and its cross-attention K/V projected, once for all its captions
+                cache = model.new_cache(model.encode(feats))
+                cache.reorder(owner.to(device))
+                logits = model.decode(caps[:, :-1], None, cache)
+                local_tokens = int((caps[:, 1:] != tok.pad_id).sum())
+                loss = token_xe_loss(logits.float(), caps, tok.pad_id) * local_tokens / global_tokens
+                loss = loss / cfg["grad_accum"]
             loss.backward()
             total += loss.item()
+        dist.sum_gradients(model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -326,10 +348,13 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
 
 # -- fine-tuning: DiCO and SCST ------------------------------------------------------------------
 def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir, out_model, out_log,
-                   device: str, evaluators: dict, image_embs: dict, log=print):
+                   device: str, evaluators: dict, image_embs: dict, log=print, dist: runtime.Dist | None = None):
     """`evaluators[name]` are loaded clip_models; `image_embs[name][split]` their cached image
-    embeddings (train for the reward, val for validation)."""
+    embeddings (train for the reward, val for validation). `batch_images` is global (split over
+    processes)."""
     from .rewards import build_reward
+
+    dist = dist or runtime.Dist()
 
     method = spec["method"]
     cfg = {**spec[method], "validate_first": True}
@@ -353,7 +378,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     torch.manual_seed(spec["seed"])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
     sampler = runtime.EpochSampler(len(train_records), spec["seed"])
-    loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator)
+    loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, dist=dist)
     k, max_len, amp = cfg["k"], spec["decoding"]["max_len"], spec["train"]["amp"]
     gen_mode = cfg.get("generation_mode", "eval")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -362,6 +387,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
         times = {}
         t = time.time()
         idx = sampler.next(cfg["batch_images"])
+        idx = idx[dist.share(len(idx), "batch_images")]
         feats = train_store[idx].to(device)
         policy.train(gen_mode == "train")
         with torch.no_grad(), runtime.autocast(device, amp):
@@ -392,7 +418,8 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
             loss = dico_loss(logps, ref_logps, rewards, beta=cfg["beta"], tau=cfg["tau"])
         else:
             loss = scst_loss(logps, rewards)
-        loss.backward()
+        (loss / dist.world).backward()  # equal shares: the sum over ranks is the global mean
+        dist.sum_gradients(policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), spec["train"]["max_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -120,3 +120,5 @@ def test_diversity_hand_computed():
     assert d["repeat_pct"] == 50.0  # "on the grass" twice, "cat cat"
     assert diversity(list(cands.values()), train) == d
     assert diversity({1: ["A dog runs."]}, train)["novel_pct"] == 0.0
+    # listing objects repeats bigrams ("a large") naturally: that is not degenerate repetition
+    assert diversity(["a large red circle and a large blue box"], train)["repeat_pct"] == 0.0

@@ -18,7 +18,6 @@ ABLATIONS = dc.ablation_runs(config)
 
 wildcard_constraints:
     split="train|val|test",
-    eval_split="val|test",
     run="|".join(map(re.escape, RUNS)),
     name="|".join(config["clip_models"]) or "none",
     reward="|".join(config["scst"]["rewards"]) or "none",
@@ -29,8 +28,28 @@ def spec(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+def torch_launcher(wildcards, resources):
+    """`dico` on CPU or one GPU; `torchrun` over all GPUs of the job when it has several (the slurm
+    profile sets resources.gpu). Batches are global, so the result does not depend on the count."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    return f"torchrun --standalone --nproc_per_node={gpus} -m dico" if gpus > 1 else "dico"
+
+
 def clip_model_path(name):
     return dc.clip_model_spec(config, name)["path"]
+
+
+def karpathy_source():
+    """The Karpathy-format split file: generated for the demo, dataset_coco.json for COCO."""
+    if config["data"]["source"] == "demo":
+        return "results/data/demo/dataset_demo.json"
+    return config["data"]["karpathy_json"]
+
+
+def image_root():
+    if config["data"]["source"] == "demo":
+        return "results/data/demo/images"
+    return config["data"]["image_root"]
 
 
 def splits_file():
@@ -85,21 +104,23 @@ EVAL_MODELS = list(dc.evaluate_spec(config)["clip_models"])
 
 def evaluate_inputs(wildcards):
     files = {
-        "captions": f"results/captions/{wildcards.run}/{wildcards.eval_split}.json",
+        "captions": [f"results/captions/{wildcards.run}/{s}.json" for s in EVAL_SPLITS],
         "model": f"results/runs/{wildcards.run}/model.pt",
         "splits": splits_file(),
     }
     for n in EVAL_MODELS:
         files[f"ckpt_{n}"] = clip_model_path(n)
-        files[f"emb_{n}"] = embeddings_file(n, wildcards.eval_split)
+        for s in EVAL_SPLITS:
+            files[f"emb_{n}_{s}"] = embeddings_file(n, s)
     return files
 
 
 def evaluate_args(wildcards, input):
-    return " ".join(
-        f"--clip-model {n}={input[f'ckpt_{n}']} --embeddings {n}={input[f'emb_{n}']}"
-        for n in EVAL_MODELS
-    )
+    args = []
+    for n in EVAL_MODELS:
+        args.append(f"--clip-model {n}={input[f'ckpt_{n}']}")
+        args += [f"--embeddings {n}:{s}={input[f'emb_{n}_{s}']}" for s in EVAL_SPLITS]
+    return " ".join(args)
 
 
 def metrics_file(run, split):

@@ -15,21 +15,9 @@ rule make_demo_data:
         "dico make-demo-data --spec-json {params.spec:q} --out-dir $(dirname {output}) > {log} 2>&1"
 
 
-def karpathy_source():
-    if config["data"]["source"] == "demo":
-        return {"karpathy": rules.make_demo_data.output[0]}
-    return {"karpathy": config["data"]["karpathy_json"]}
-
-
-def image_root():
-    if config["data"]["source"] == "demo":
-        return "results/data/demo/images"
-    return config["data"]["image_root"]
-
-
 rule prepare_splits:
     input:
-        unpack(lambda wc: karpathy_source()),
+        karpathy=karpathy_source(),
     output:
         splits_file(),
     params:

@@ -1,23 +1,26 @@
-# Stages 7-8: beam-search captions for every run and split, then every metric of the paper's tables.
+# Stages 7-8: beam-search captions of every evaluation split, then every metric of the paper's
+# tables. One job per run covers all splits: the model loads once and METEOR's JVM (about 12 s of
+# start-up) starts once.
 
 
 rule generate:
     input:
         model="results/runs/{run}/model.pt",
         splits=splits_file(),
-        features=lambda wc: features_index(wc.eval_split),
+        features=[features_index(s) for s in EVAL_SPLITS],
     output:
-        "results/captions/{run}/{eval_split}.json",
+        [f"results/captions/{{run}}/{s}.json" for s in EVAL_SPLITS],
     params:
         spec=spec(dc.generate_spec(config)),
+        splits=" ".join(EVAL_SPLITS),
     threads: 1
     log:
-        "results/logs/generate/{run}_{eval_split}.log",
+        "results/logs/generate/{run}.log",
     conda:
         "../../envs/train.yaml"
     shell:
         "dico generate --spec-json {params.spec:q} --model {input.model} --splits {input.splits}"
-        " --split {wildcards.eval_split} --features {input.features} --out {output}"
+        " --split {params.splits} --features {input.features} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -25,16 +28,17 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        "results/metrics/{run}/{eval_split}.json",
+        [f"results/metrics/{{run}}/{s}.json" for s in EVAL_SPLITS],
     params:
         spec=spec(dc.evaluate_spec(config)),
         models=evaluate_args,
+        splits=" ".join(EVAL_SPLITS),
     threads: 1
     log:
-        "results/logs/evaluate/{run}_{eval_split}.log",
+        "results/logs/evaluate/{run}.log",
     conda:
         "../../envs/eval.yaml"
     shell:
         "dico evaluate --spec-json {params.spec:q} --run {wildcards.run} --captions {input.captions}"
-        " --splits {input.splits} --split {wildcards.eval_split} {params.models}"
+        " --splits {input.splits} --split {params.splits} {params.models}"
         " --model-checkpoint {input.model} --out {output} --threads {threads} > {log} 2>&1"

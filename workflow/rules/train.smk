@@ -13,13 +13,14 @@ rule train_xe:
         log="results/runs/xe/train_log.jsonl",
     params:
         spec=spec(dc.run_spec(config, "xe")),
+        launch=torch_launcher,
     threads: 2
     log:
         "results/logs/train/xe.log",
     conda:
         "../../envs/train.yaml"
     shell:
-        "dico train --run xe --spec-json {params.spec:q} --splits {input.splits}"
+        "{params.launch} train xe --spec-json {params.spec:q} --splits {input.splits}"
         " --features-train {input.features_train} --features-val {input.features_val}"
         " --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
 
@@ -35,13 +36,14 @@ rule train_scst:
     params:
         spec=lambda wc: spec(dc.run_spec(config, wc.run)),
         models=finetune_args,
+        launch=torch_launcher,
     threads: 1
     log:
         "results/logs/train/{run}.log",
     conda:
         "../../envs/train.yaml"
     shell:
-        "dico train --run {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
+        "{params.launch} train {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
         " --init {input.init} --features-train {input.features_train} --features-val {input.features_val}"
         " {params.models} --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
 
