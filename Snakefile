@@ -8,7 +8,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config is the default; a config given with --configfile (the slurm profile gives
+# config/paper.yaml) replaces it rather than being merged over it, so no demo setting leaks.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -19,6 +23,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/download.smk"  # after evaluate.smk: it reuses generate/evaluate
 include: "workflow/rules/report.smk"
 
 

@@ -106,7 +106,7 @@ def cmd_cache_embeddings(args):
     import torch
 
     from .data import load_split
-    from .evaluate import embed_images
+    from .evaluate import embed_images, skipped_rows
     from .io import torch_save
     from .runtime import configure
 
@@ -116,8 +116,10 @@ def cmd_cache_embeddings(args):
     evaluator = _load_clip(s, args.checkpoint, device)
     records = load_split(args.splits, args.split)
     t0 = time.time()
-    embs = embed_images(evaluator, [r.path for r in records], device=device, split=args.split)
+    embs = embed_images(evaluator, [r.path for r in records], device=device, split=args.split,
+                        skip_broken=args.skip_broken_images or s.get("skip_broken_images", False), log=log.info)
     torch_save({"model": s["name"], "split": args.split, "image_ids": [r.image_id for r in records],
+                "skipped_images": [records[i].image_id for i in skipped_rows(embs)],
                 "embeddings": embs.half() if device.startswith("cuda") else embs}, args.out)
     log.info("image embeddings %s/%s: %s in %.1fs", s["name"], args.split, tuple(embs.shape), time.time() - t0)
 
@@ -135,7 +137,15 @@ def _parse_named(values: list[str] | None, what: str) -> dict[str, str]:
 def _load_embeddings(path: str, records=None):
     import torch
 
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image embeddings not found; run cache_embeddings first") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise ValueError(f"{path} is not a readable embeddings file ({type(e).__name__}: {str(e)[:200]}); "
+                         "delete it and rerun cache_embeddings") from None
+    if not isinstance(blob, dict) or not {"image_ids", "embeddings"} <= set(blob):
+        raise ValueError(f"{path}: not an image-embeddings file of `dico cache-embeddings`")
     if records is not None and blob["image_ids"] != [r.image_id for r in records]:
         raise ValueError(f"{path}: image embeddings do not match the split's images; rerun cache_embeddings")
     return blob["embeddings"].float()
@@ -247,12 +257,14 @@ def _evaluate_split(args, s, job, evaluators, train_caps, device):
         key = f"{name}:{split}"
         image_embs[name] = (_load_embeddings(embs[key], records).to(device) if key in embs else
                             embed_images(evaluator, [r.path for r in records], device=device,
-                                         split=split).to(device))
+                                         split=split, skip_broken=args.skip_broken_images,
+                                         log=log.info).to(device))
     result = score(captions, records, s, evaluators, image_embs, train_caps)
+    run_prov = _run_provenance(args.model_checkpoint)
     write_json(job["out"], {"run": args.run, "split": split, "captions": str(job["captions"]),
                             "n_images": len(records), **result,
-                            "provenance": provenance(s, seed=None, device=device, wall_time_s=time.time() - t0,
-                                                     run_provenance=_run_provenance(args.model_checkpoint))})
+                            "provenance": provenance(s, seed=run_prov["seed"] if run_prov else None, device=device,
+                                                     wall_time_s=time.time() - t0, run_provenance=run_prov)})
     log.info("%s/%s: %s", args.run, split, ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
                                                       for k, v in result["metrics"].items()))
 
@@ -266,6 +278,7 @@ def _run_provenance(checkpoint: str | None) -> dict | None:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
     spec = payload.get("spec", {})
     return {"checkpoint": checkpoint, "run": payload.get("run"), "seed": spec.get("seed"),
+            "deterministic": spec.get("deterministic"),
             "best_step": payload.get("step"), "val": payload.get("val"), "spec": spec}
 
 
@@ -318,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", required=True)
     p.add_argument("--split", required=True)
     p.add_argument("--checkpoint")
+    p.add_argument("--skip-broken-images", action="store_true",
+                   help="NaN embedding for an unreadable image instead of failing (features.skip_broken_images)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_cache_embeddings)
 
@@ -355,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", action="append", help="NAME=PATH overriding clip_models.<NAME>.path")
     p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
     p.add_argument("--no-meteor", action="store_true")
+    p.add_argument("--skip-broken-images", action="store_true",
+                   help="leave unreadable images out of every metric (listed in the JSON) instead of failing")
     p.add_argument("--run", default="external")
     p.add_argument("--model-checkpoint", help="captioner checkpoint, for provenance")
     p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split")
@@ -363,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import report
 
     report.register(sub)
+    from . import download, official
+    download.register(sub)
+    official.register(sub)
     return parser
 
 
@@ -376,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         log.error("%s", e)
         return 2
+    except SystemExit as e:  # runtime.Preempted after SIGTERM: the checkpoint is saved; say so, keep 143
+        if e.code == 143 and e.args:
+            log.warning("%s", e.args[0])
+        raise
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         if os.environ.get("DICO_TRACEBACK"):
             raise

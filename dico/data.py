@@ -47,6 +47,8 @@ def normalise_karpathy(karpathy_json: str | Path, image_root: str | Path, out: s
     seen: set[int] = set()
     for n, img in enumerate(raw["images"]):
         where = f"images[{n}]"
+        if not isinstance(img, dict):
+            raise _karpathy_error(karpathy_json, where, f"not an object but {type(img).__name__}")
         for key in ("filename", "split", "sentences"):
             if key not in img:
                 raise _karpathy_error(karpathy_json, where, f"missing key '{key}'")
@@ -58,6 +60,8 @@ def normalise_karpathy(karpathy_json: str | Path, image_root: str | Path, out: s
         if image_id in seen:
             raise _karpathy_error(karpathy_json, where, f"duplicate image id {image_id}")
         seen.add(image_id)
+        if not isinstance(img["sentences"], list):
+            raise _karpathy_error(karpathy_json, where, "'sentences' is not a list")
         captions = []
         for m, sent in enumerate(img["sentences"]):
             text = sent.get("raw") if isinstance(sent, dict) else None
@@ -89,10 +93,16 @@ def load_split(splits_json: str | Path, split: str) -> list[ImageRecord]:
     if split not in data["splits"]:
         raise KeyError(f"{splits_json}: no split {split!r} (has {', '.join(data['splits'])})")
     root = Path(data["image_root"])
-    records = [ImageRecord(int(r["image_id"]), root / r["file"], tuple(r["captions"]))
-               for r in data["splits"][split]]
+    records = []
+    for n, r in enumerate(data["splits"][split]):
+        try:
+            records.append(ImageRecord(int(r["image_id"]), root / r["file"], tuple(r["captions"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{splits_json}: splits.{split}[{n}] is malformed ({type(e).__name__}: {e}); "
+                             "regenerate it with `dico prepare-splits`") from None
     if not records:
-        raise ValueError(f"{splits_json}: split {split!r} is empty")
+        raise ValueError(f"{splits_json}: split {split!r} is empty; it needs at least one image "
+                         "(regenerate the split file from a Karpathy file that has this split)")
     return records
 
 

@@ -32,7 +32,8 @@ def _next_logprobs(model: Captioner, tokens: Tensor, memory: Tensor, cache) -> T
     else:  # reference path: recompute the whole prefix
         logits = model.decode(tokens, memory)[:, -1]
     logp = logits.float().log_softmax(-1)
-    logp[:, [model.cfg.bos_id, model.cfg.pad_id]] = float("-inf")
+    logp[:, model.cfg.bos_id] = float("-inf")
+    logp[:, model.cfg.pad_id] = float("-inf")
     return logp
 
 
@@ -48,20 +49,27 @@ def beam_search(
     cfg, k = model.cfg, beam_size
     B, dev = memory.size(0), memory.device
     N = B * k  # rows are image-major: row b*k + j is beam j of image b
-    mem = memory.repeat_interleave(k, dim=0)
-    cache = model.new_cache(memory, repeats=k) if use_cache else None
+    cache = model.new_cache(memory) if use_cache else None  # one memory K/V per image, shared by its beams
+    mem = None if use_cache else memory.repeat_interleave(k, dim=0)
     tokens = torch.full((N, 1), cfg.bos_id, dtype=torch.long, device=dev)
     scores = torch.full((B, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # one live beam per image at step 0, so the k first tokens differ
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
-    pad_only = torch.full((cfg.vocab_size,), float("-inf"), device=dev)
-    pad_only[cfg.pad_id] = 0.0  # a finished beam can only grow a free pad
     base = torch.arange(B, device=dev).unsqueeze(1) * k
 
-    for _ in range(max_len - 1):
-        logp = _next_logprobs(model, tokens, mem, cache)
-        logp = torch.where(finished.unsqueeze(1), pad_only, logp)
-        cand = (scores.view(N, 1) + logp).view(B, k * cfg.vocab_size)
+    for step in range(max_len - 1):
+        if step == 0 and cache is not None:
+            # the k rows of an image are identical at step 0: run the decoder on one row per
+            # image, then give each beam its copy of the (one-position) self-attention cache
+            logp = _next_logprobs(model, tokens[::k], None, cache).repeat_interleave(k, dim=0)
+            cache.repeat_interleave(k)
+        else:
+            logp = _next_logprobs(model, tokens, mem, cache)
+        # in place (the [N, V] log-probs are the largest tensors of a step) and without a host
+        # sync: a finished beam can only grow a free pad
+        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
+        logp[:, cfg.pad_id].masked_fill_(finished, 0.0)
+        cand = logp.add_(scores.view(N, 1)).view(B, k * cfg.vocab_size)
         scores, idx = cand.topk(k, dim=1)  # sorted, best first
         rows = (base + idx // cfg.vocab_size).view(N)  # the beam each survivor extends
         new = (idx % cfg.vocab_size).view(N, 1)

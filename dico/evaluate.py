@@ -42,30 +42,79 @@ def load_references(path: str | Path, split: str | None = None) -> dict[int, lis
     data = read_json(path)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return {r.image_id: list(r.captions) for r in load_split(path, split or "test")}
+    refs: dict[int, list[str]] = {}
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # COCO captions_*.json
-        refs: dict[int, list[str]] = {}
-        for a in data["annotations"]:
+        for n, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+                raise ValueError(f"{path}: annotations[{n}] is not an {{'image_id': int, 'caption': str}} "
+                                 f"object: {a!r:.120}")
             refs.setdefault(int(a["image_id"]), []).append(a["caption"])
-        return refs
-    if isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy dataset_coco.json
-        return {int(im.get("cocoid", im.get("imgid"))): [s["raw"] for s in im["sentences"]]
-                for im in data["images"] if split is None or im["split"] == split}
-    raise ValueError(f"{path}: unknown reference format; give a dico split file, a Karpathy "
-                     "dataset_*.json or a COCO captions_*.json annotations file")
+    elif isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy dataset_coco.json
+        for n, im in enumerate(data["images"]):
+            where = f"{path}: images[{n}]"
+            if not isinstance(im, dict) or not isinstance(im.get("sentences"), list) or (
+                    "cocoid" not in im and "imgid" not in im):
+                raise ValueError(f"{where} needs 'cocoid' (or 'imgid') and a 'sentences' list "
+                                 "(Karpathy dataset_coco.json schema)")
+            if split is not None and im.get("split") != split and not (
+                    split == "train" and im.get("split") == "restval"):
+                continue
+            caps = [sent.get("raw") if isinstance(sent, dict) else None for sent in im["sentences"]]
+            if not all(isinstance(c, str) for c in caps):
+                bad = next(m for m, c in enumerate(caps) if not isinstance(c, str))
+                raise ValueError(f"{where}.sentences[{bad}] has no 'raw' caption string")
+            refs[int(im.get("cocoid", im.get("imgid")))] = caps
+    else:
+        raise ValueError(f"{path}: unknown reference format; give a dico split file, a Karpathy "
+                         "dataset_*.json or a COCO captions_*.json annotations file")
+    if not refs:
+        raise ValueError(f"{path}: no references" + (f" for split {split!r}" if split else "")
+                         + "; check --split")
+    return refs
 
 
 @torch.no_grad()
 def embed_images(evaluator, paths: list[Path], batch_size: int = 64, device: str = "cpu",
-                 split: str | None = None, progress: bool = True) -> torch.Tensor:
-    """L2-normalised image embeddings, decoded with the evaluator's own preprocessing."""
+                 split: str | None = None, progress: bool = True, skip_broken: bool = False,
+                 log=None) -> torch.Tensor:
+    """L2-normalised image embeddings, decoded with the evaluator's own preprocessing.
+
+    An image that cannot be read raises (naming the file and split) unless `skip_broken`
+    (features.skip_broken_images): then its row is NaN, so no score can silently use it;
+    `skipped_rows` lists such rows and `score` leaves those images out of every metric.
+    """
     from tqdm import tqdm
 
-    out = []
+    if not paths:
+        raise ValueError("no images to embed" + (f" (split {split!r} is empty)" if split else ""))
+    out, broken = [], []
     for lo in tqdm(range(0, len(paths), batch_size), desc="image embeddings", unit="batch",
                    disable=not progress, mininterval=2.0):
-        pixels = torch.stack([evaluator.preprocess(load_image(p, split)) for p in paths[lo:lo + batch_size]])
-        out.append(evaluator.embed_images(pixels.to(device)).float().cpu())
+        pixels, ok = [], []
+        for i, p in enumerate(paths[lo:lo + batch_size], start=lo):
+            try:
+                pixels.append(evaluator.preprocess(load_image(p, split)))
+                ok.append(i - lo)
+            except (OSError, ValueError):
+                if not skip_broken:
+                    raise
+                broken.append(i)
+        embs = torch.full((len(paths[lo:lo + batch_size]), int(evaluator.embed_dim)), float("nan"))
+        if pixels:
+            embs[ok] = evaluator.embed_images(torch.stack(pixels).to(device)).float().cpu()
+        out.append(embs)
+    if broken:
+        if len(broken) == len(paths) and len(paths) > 1:
+            raise ValueError(f"none of the {len(paths)} images (e.g. {paths[0]}) could be read; check "
+                             "data.image_root (or --images)")
+        (log or print)(f"skipped {len(broken)} of {len(paths)} images that could not be read "
+                       f"(features.skip_broken_images): {[str(paths[i]) for i in broken[:10]]}")
     return torch.cat(out)
+
+
+def skipped_rows(image_embs: torch.Tensor) -> list[int]:
+    """Rows of an embedding matrix that `embed_images(skip_broken=True)` left NaN."""
+    return torch.isnan(image_embs.float()).any(dim=-1).nonzero().flatten().tolist()
 
 
 def score(captions: dict[int, str], records: list[ImageRecord], spec: dict, evaluators: dict,
@@ -78,9 +127,24 @@ def score(captions: dict[int, str], records: list[ImageRecord], spec: dict, eval
     from .evaluator import score_captions
     from .metrics import coco_metrics, diversity
 
+    if not records:
+        raise ValueError("no images to score: the split (or the images that have captions, with "
+                         "--subset) is empty")
     missing = [r.image_id for r in records if r.image_id not in captions]
     if missing:
         raise ValueError(f"{len(missing)} of {len(records)} images have no caption (first: {missing[:5]})")
+    # Images that could not be read (features.skip_broken_images: NaN embedding rows) are left out of
+    # EVERY metric, so all numbers of the split describe the same images; the JSON lists them.
+    skip = sorted({i for embs in image_embs.values() for i in skipped_rows(embs)})
+    if skip:
+        if len(skip) == len(records):
+            raise ValueError(f"all {len(records)} images were skipped as unreadable: nothing to score")
+        keep = [i for i in range(len(records)) if i not in set(skip)]
+        skipped_ids = [records[i].image_id for i in skip]
+        records = [records[i] for i in keep]
+        image_embs = {name: embs[keep] for name, embs in image_embs.items()}
+    else:
+        skipped_ids = []
     refs = {r.image_id: list(r.captions) for r in records}
     cands = {r.image_id: captions[r.image_id] for r in records}
     coco, reasons = coco_metrics(refs, cands, meteor=spec["meteor"], spice_jar_dir=spec.get("spice_jar_dir"))
@@ -96,5 +160,9 @@ def score(captions: dict[int, str], records: list[ImageRecord], spec: dict, eval
     for k in METRIC_KEYS:
         if metrics.get(k) is None and k not in reasons:
             reasons[k] = "not computed"
+    if skipped_ids:
+        reasons["skipped_images"] = (f"{len(skipped_ids)} unreadable images left out of every metric "
+                                     "(features.skip_broken_images)")
     return {"metrics": {k: metrics.get(k) for k in METRIC_KEYS}, "reasons": reasons,
-            "extra": extra, "diversity": diversity(cand_list, train_captions or [])}
+            "extra": extra, "diversity": diversity(cand_list, train_captions or []),
+            "n_scored": len(records), "skipped_images": skipped_ids}

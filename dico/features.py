@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .data import ImageRecord, load_image
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, remove_stale_temporaries, write_json
 
 FORMAT = "dico-features-v1"
 
@@ -60,56 +60,94 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
                    split: str, out_dir: str | Path, *, shard_size: int, batch_size: int,
                    dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
                    device: str = "cpu", log=print) -> dict:
-    """Compute and store grid features of `records`; resume at the first missing shard."""
+    """Compute and store grid features of `records`; resume at the first missing shard.
+
+    `progress.json` records the fingerprint and, per finished shard, the images skipped in it; a
+    shard counts as done only if it is listed there and its file holds the expected array, so a
+    shard killed mid-write, truncated or left by another configuration is recomputed, and the
+    skipped images of shards cached by an earlier (killed) attempt are still reported.
+    """
     from tqdm import tqdm
 
+    if not records:
+        raise ValueError(f"split {split!r} has no images: nothing to cache features of")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # an index from an earlier run must not describe the shards while they are being replaced
+    (out_dir / "index.json").unlink(missing_ok=True)
+    remove_stale_temporaries(out_dir)
     fp = fingerprint(checkpoint, records, shard_size, dtype)
     progress_file = out_dir / "progress.json"
-    if progress_file.exists() and read_json(progress_file).get("fingerprint") != fp:
-        log(f"{out_dir}: shards from a different backbone/image list; recomputing them")
+    progress = _read_progress(progress_file)
+    if progress.get("fingerprint") != fp:
+        if progress_file.exists() or any(out_dir.glob("shard_*.npy")):
+            log(f"{out_dir}: shards from a different backbone/image list/settings; recomputing them")
         for old in out_dir.glob("shard_*.npy"):
             old.unlink()
-    write_json(progress_file, {"fingerprint": fp})
+        progress = {"fingerprint": fp, "done": {}}
+        write_json(progress_file, progress)
 
     n_shards = (len(records) + shard_size - 1) // shard_size
-    shards, skipped, done_before = [], [], 0
+    shards, skipped, done_before, shape = [], [], 0, None
     start_time = time.time()
     bar = tqdm(total=len(records), desc=f"features {split}", unit="img", mininterval=2.0)
     for s in range(n_shards):
         lo, hi = s * shard_size, min((s + 1) * shard_size, len(records))
         path = out_dir / f"shard_{s:05d}.npy"
         shards.append({"file": path.name, "start": lo, "count": hi - lo})
-        if path.exists() and _shard_ok(path, hi - lo):
+        done = progress["done"].get(path.name)
+        if done is not None and _shard_ok(path, hi - lo, shape, dtype):
+            shape = shape or np.load(path, mmap_mode="r").shape[1:]
+            skipped += done["skipped"]
             done_before += hi - lo
             bar.update(hi - lo)
             continue
         feats, ok = _compute(evaluator, records[lo:hi], split, batch_size, num_workers, skip_broken, device, bar)
-        skipped += [records[lo + i].image_id for i in np.flatnonzero(~ok)]
+        if not ok.any() and hi - lo > 1:
+            raise ValueError(f"none of the {hi - lo} images {records[lo].path} ... {records[hi - 1].path} "
+                             f"(split {split!r}) could be read; check data.image_root in the config "
+                             "(features.skip_broken_images only covers a few broken files)")
+        shape = shape or feats.shape[1:]
+        shard_skipped = [records[lo + i].image_id for i in np.flatnonzero(~ok)]
+        skipped += shard_skipped
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, feats.astype(dtype))
+        progress["done"][path.name] = {"count": hi - lo, "skipped": shard_skipped}
+        write_json(progress_file, progress)  # after the shard: a kill in between recomputes it
     bar.close()
     if done_before:
         log(f"resumed: {done_before} of {len(records)} images were already cached in complete shards")
-    probe = np.load(out_dir / shards[0]["file"], mmap_mode="r")
     if skipped:
-        log(f"skipped {len(skipped)} broken images in split {split!r} (features.skip_broken_images): {skipped[:20]}")
+        log(f"skipped {len(skipped)} of {len(records)} images in split {split!r} that could not be read "
+            f"(features.skip_broken_images; their features are zeros): {skipped[:20]}")
     index = {"format": FORMAT, "backbone": backbone, "checkpoint": str(checkpoint), "fingerprint": fp,
-             "split": split, "n_images": len(records), "tokens": int(probe.shape[1]),
-             "dim": int(probe.shape[2]), "dtype": dtype, "image_ids": [r.image_id for r in records],
+             "split": split, "n_images": len(records), "tokens": int(shape[0]),
+             "dim": int(shape[1]), "dtype": dtype, "image_ids": [r.image_id for r in records],
              "shards": shards, "skipped_images": skipped,
              "seconds": round(time.time() - start_time, 2)}
-    write_json(out_dir / "index.json", index)
+    write_json(out_dir / "index.json", index)  # last: the index vouches for complete shards only
     return index
 
 
-def _shard_ok(path: Path, count: int) -> bool:
+def _read_progress(path: Path) -> dict:
     try:
-        return np.load(path, mmap_mode="r").shape[0] == count
-    except (OSError, ValueError):
+        progress = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(progress, dict) or not isinstance(progress.get("done"), dict):
+        return {}  # written by an older version: recompute
+    return progress
+
+
+def _shard_ok(path: Path, count: int, shape=None, dtype: str | None = None) -> bool:
+    """Whether `path` is a complete .npy of `count` rows (and of the other shards' shape and dtype)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # missing, truncated, not an .npy
         return False
+    return (arr.ndim == 3 and arr.shape[0] == count and (shape is None or tuple(arr.shape[1:]) == tuple(shape))
+            and (dtype is None or arr.dtype == np.dtype(dtype)))
 
 
 @torch.no_grad()
@@ -122,7 +160,9 @@ def _compute(evaluator, records, split, batch_size, num_workers, skip_broken, de
         pixels = pixels.to(device, non_blocking=True)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
             feats = evaluator.grid_features(pixels)
-        out.append(feats.float().cpu().numpy())
+        feats = feats.float().cpu()
+        feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented
+        out.append(feats.numpy())
         oks.append(ok.numpy())
         bar.update(len(pixels))
     return np.concatenate(out), np.concatenate(oks).astype(bool)
@@ -141,12 +181,27 @@ class FeatureStore:
         if self.index.get("format") != FORMAT:
             raise ValueError(f"{index_json}: not a feature index (expected format {FORMAT!r})")
         root = index_json.parent
-        self.maps = [np.load(root / s["file"], mmap_mode="r") for s in self.index["shards"]]
+        self.maps = [self._open(root / s["file"], s["count"], index_json) for s in self.index["shards"]]
         self.starts = np.array([s["start"] for s in self.index["shards"]])
         self.image_ids = self.index["image_ids"]
         nbytes = sum(m.nbytes for m in self.maps)
         if nbytes <= ram_limit_bytes:
             self.maps = [np.ascontiguousarray(m) for m in self.maps]
+
+    def _open(self, path: Path, count: int, index_json: Path) -> np.ndarray:
+        want = (count, self.index["tokens"], self.index["dim"])
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            problem = "is missing"
+        except (OSError, ValueError, EOFError) as e:
+            problem = f"is truncated or not an .npy file ({e})"
+        else:
+            if arr.shape == want and arr.dtype == np.dtype(self.index["dtype"]):
+                return arr
+            problem = f"holds {arr.dtype} {tuple(arr.shape)}, the index says {self.index['dtype']} {want}"
+        raise ValueError(f"{path} {problem}: the cached features of {index_json.parent} are damaged; delete "
+                         f"{index_json} and rerun cache_features (complete shards are kept)")
 
     def __len__(self) -> int:
         return self.index["n_images"]

@@ -7,9 +7,11 @@ step would trust (DESIGN.md, "Contracts").
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,10 +20,16 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    The temporary is named `.<name>.<host>.<pid>.<random>.tmp`: a `kill -9` can leave one behind
+    (nothing trusts it: readers only open final names), and the next write of the same file removes
+    the leftovers of dead processes of this host (`remove_stale_temporaries`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -31,6 +39,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", platform.node() or "host")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporaries that `atomic_path` left in `folder` (for the file `name`, or all) when its
+    process was killed: those written on this host by a process that no longer runs. Temporaries of
+    live processes and of other hosts (a shared file system) are left alone. Returns what was removed."""
+    removed = []
+    pattern = f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"
+    for tmp in Path(folder).glob(pattern):
+        parts = tmp.name[:-len(".tmp")].rsplit(".", 3)  # [".<name>", host, pid, random]
+        if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit() or _alive(int(parts[2])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _umask() -> int:

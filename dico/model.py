@@ -75,11 +75,17 @@ class KVCache:
     self_kv[i] grows by the new positions at each call; cross_kv[i] is computed once from memory.
     Rows can be gathered (`reorder`) and replicated (`repeat_interleave`), which is what beam search
     needs: a beam continues the prefix of the row it came from.
+
+    `cross_repeats` = r > 1 means cross_kv holds one row per image, shared by r consecutive rows
+    (row n reads image n // r): the k beams or candidates of an image attend to one copy of its
+    memory K/V instead of k copies (k times less memory traffic, and matrix-matrix instead of
+    matrix-vector products in the cross-attention while decoding).
     """
 
     def __init__(self, n_layers: int):
         self.self_kv: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
         self.cross_kv: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+        self.cross_repeats = 1
 
     def __len__(self) -> int:  # number of positions already decoded
         return 0 if self.self_kv[0] is None else self.self_kv[0][0].size(2)
@@ -89,13 +95,25 @@ class KVCache:
         if cross:
             self.cross_kv = [None if kv is None else (fn(kv[0]), fn(kv[1])) for kv in self.cross_kv]
 
+    def _expand_cross(self) -> None:
+        """One cross K/V row per cache row again (before a reorder that may mix images)."""
+        if self.cross_repeats > 1:
+            r = self.cross_repeats
+            self.cross_kv = [None if kv is None else (kv[0].repeat_interleave(r, 0), kv[1].repeat_interleave(r, 0))
+                             for kv in self.cross_kv]
+            self.cross_repeats = 1
+
     def reorder(self, index: Tensor, cross: bool = True) -> None:
         """Row i becomes old row index[i]. `cross=False` skips the cross K/V, which is a no-op
         copy when rows only move among copies of the same image (beam search)."""
+        if cross:
+            self._expand_cross()
         self._map(lambda t: t.index_select(0, index), cross)
 
     def repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        """Row n becomes rows n*repeats .. n*repeats+repeats-1; shared cross K/V stay shared."""
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0), cross=False)
+        self.cross_repeats *= repeats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,14 +200,21 @@ class CrossAttention(nn.Module):
         return _heads(k, self.n_heads), _heads(v, self.n_heads)
 
     def forward(self, x: Tensor, memory: Tensor | None, cache: KVCache | None, i: int) -> Tensor:
+        r = 1
         if cache is None:
             k, v = self.kv(memory)
         else:  # the memory does not change while decoding: project it once
             if cache.cross_kv[i] is None:
                 cache.cross_kv[i] = self.kv(memory)
             k, v = cache.cross_kv[i]
-        q = _heads(self.q_attn(x), self.n_heads)
+            r = cache.cross_repeats
+        q = _heads(self.q_attn(x), self.n_heads)  # [N, H, L, hd]
+        if r > 1:  # r consecutive rows share one memory row: fold them into the query length
+            N, H, L, hd = q.shape
+            q = q.view(N // r, r, H, L, hd).transpose(1, 2).reshape(N // r, H, r * L, hd)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        if r > 1:
+            a = a.view(N // r, H, r, L, hd).transpose(1, 2).reshape(N, H, L, hd)
         return self.drop(self.c_proj(_merge(a)))
 
 
@@ -266,12 +291,11 @@ class Captioner(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied LM head is counted once
 
     def new_cache(self, memory: Tensor, repeats: int = 1) -> KVCache:
-        """A cache whose cross K/V are projected once from `memory` [B,T,d] and then repeated
-        `repeats` times per row (the beams of one image share its memory)."""
+        """A cache whose cross K/V are projected once from `memory` [B,T,d] and shared by
+        `repeats` consecutive rows (the beams of one image read one copy of its memory)."""
         cache = KVCache(self.cfg.dec_layers)
         cache.cross_kv = [blk.cross.kv(memory) for blk in self.decoder.h]
-        if repeats > 1:
-            cache.repeat_interleave(repeats)
+        cache.cross_repeats = repeats
         return cache
 
     def encode(self, feats: Tensor) -> Tensor:

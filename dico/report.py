@@ -421,41 +421,60 @@ def read_train_log(path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r.get("phase") == "train"], [r for r in rows if r.get("phase") == "val"]
 
 
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * v + (1 - alpha) * acc
-        out.append(acc)
-    return out
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    """Trailing moving average (the first points average what exists so far: no start-up lag)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def _plot_training(ax, train: list[dict], run: str) -> None:
+    """XE: the loss. Fine-tuning: the mean reward of the k beams (what the method optimises), with the
+    loss on a second axis."""
+    steps = [r["step"] for r in train]
+    label = run_label(run, latex=False)
+    if train and "reward_mean" in train[0]:
+        reward = [r["reward_mean"] for r in train]
+        ax.plot(steps, reward, color="0.7", lw=0.8)
+        ax.plot(steps, _smooth(reward), color="tab:orange", lw=1.4, label="reward (mean of k beams)")
+        ax.set(title=f"{label}: training", xlabel="step", ylabel="reward")
+        twin = ax.twinx()
+        twin.plot(steps, [r["loss"] for r in train], color="0.3", lw=0.8, ls="--", label="loss")
+        twin.set_ylabel("loss", color="0.3")
+        twin.spines["right"].set_visible(True)
+    else:
+        loss = [r["loss"] for r in train]
+        ax.plot(steps, loss, color="0.7", lw=0.8)
+        ax.plot(steps, _smooth(loss), color="black", lw=1.4, label="loss")
+        ax.set(title=f"{label}: training", xlabel="step", ylabel="loss")
 
 
 def figure_training_curves(logs: dict[str, str], out_pdf, spec: dict | None = None) -> dict:
-    """One row per run: training loss | validation metrics (x100) vs step, best step dotted."""
+    """One row per run: training loss / reward | validation metrics (x100) vs step, best step dotted."""
     plt = _pyplot()
     runs = run_order(logs, (spec or {}).get("scst_rewards", []))
     colours = dict(zip(VAL_METRICS, ["tab:blue", "tab:green", "tab:red", "tab:purple"]))
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(runs), 2, figsize=(7.0, 1.8 * len(runs) + 0.4), squeeze=False)
-        for (ax_loss, ax_val), run in zip(axes, runs):
+        fig, axes = plt.subplots(len(runs), 2, figsize=(7.0, 1.8 * len(runs) + 0.8), squeeze=False)
+        for (ax_train, ax_val), run in zip(axes, runs):
             train, val = read_train_log(logs[run])
-            steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
-            ax_loss.plot(steps, loss, color="0.75", lw=0.8, label="raw")
-            ax_loss.plot(steps, _ema(loss), color="black", lw=1.2, label="EMA")
-            ax_loss.set(title=f"{run_label(run, latex=False)}: training loss", xlabel="step", ylabel="loss")
+            _plot_training(ax_train, train, run)
             for metric in VAL_METRICS:
                 pts = [(r["step"], 100 * r[metric]) for r in val if r.get(metric) is not None]
                 if pts:
                     ax_val.plot(*zip(*pts), marker="o", ms=3, color=colours[metric], label=metric)
             best = [r["step"] for r in val if r.get("best")]
             if best:
-                ax_val.axvline(best[-1], color="0.4", ls=":", lw=1, label="best")
+                ax_val.axvline(best[-1], color="0.4", ls=":", lw=1, label="selected")
             ax_val.set(title=f"{run_label(run, latex=False)}: validation", xlabel="step", ylabel=r"score $\times$100")
-            for ax in (ax_loss, ax_val):
+            for ax in (ax_train, ax_val):
                 if not ax.lines:
                     ax.text(0.5, 0.5, "no rows logged", ha="center", va="center", transform=ax.transAxes)
-            ax_val.legend(loc="best", frameon=False, ncol=2)
-        axes[0][0].legend(loc="best", frameon=False)
-        fig.tight_layout()
+        handles = {}
+        for ax in axes.flat:  # one legend for the whole figure, above it: no line hidden behind text
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, frameon=False,
+                   bbox_to_anchor=(0.5, 1.0))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     return save_figure(fig, out_pdf, "dico report figure-training-curves",
                        [{**source_record(p), "run": r} for r, p in logs.items()])
 
@@ -477,15 +496,44 @@ def _mean_metric(metrics: list[dict], key: str):
     return summarise(metrics, key).mean
 
 
+def _place_labels(ax, points: list[tuple[float, float, str]]) -> None:
+    """Label scatter points without overlaps: try a few offsets per label and keep the first one whose
+    box hits no other label, no marker and stays inside the axes (greedy, in display coordinates)."""
+    renderer = ax.figure.canvas.get_renderer()
+    markers = ax.transData.transform([(x, y) for x, y, _ in points])
+    offsets = [(5, 3), (5, -10), (-5, 3), (-5, -10), (0, 7), (0, -13), (9, -3), (-9, -3)]
+    placed = []
+    for (x, y, text), here in zip(points, markers):
+        best = None
+        for dx, dy in offsets:
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
+            box = label.get_window_extent(renderer)
+            cost = (sum(box.overlaps(other) for other in placed)
+                    + sum(box.contains(*m) for m in markers if tuple(m) != tuple(here))
+                    + 2 * (not ax.bbox.contains(box.x0, box.y0) or not ax.bbox.contains(box.x1, box.y1)))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label, box)
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
+
+
 def figure_tradeoff(metrics: list[dict], out_pdf, spec: dict | None = None) -> dict:
-    """PAC-S vs CIDEr and CLIP-S vs CIDEr on test: one labelled point per run (seeds averaged)."""
+    """PAC-S vs CIDEr and CLIP-S vs CIDEr on test: one labelled point per run (seeds averaged).
+    Runs with identical scores (e.g. a fine-tuning run whose best checkpoint is its XE start) share
+    one point and one label."""
     plt = _pyplot()
     groups = group_by_run(metrics)
     runs = run_order(groups, (spec or {}).get("scst_rewards", []))
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.2))
+        fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4))
         for ax, ykey in zip(axes, ["PAC-S", "CLIP-S"]):
-            seen = set()
+            seen, points = set(), {}
             for run in runs:
                 x, y = _mean_metric(groups[run], "CIDEr"), _mean_metric(groups[run], ykey)
                 if x is None or y is None:
@@ -495,12 +543,14 @@ def figure_tradeoff(metrics: list[dict], out_pdf, spec: dict | None = None) -> d
                 ax.scatter([x], [y], marker=marker, color=colour, s=60 if fam == "DiCO" else 30,
                            label=None if fam in seen else fam, zorder=3)
                 seen.add(fam)
-                ax.annotate(run_label(run, latex=False), (x, y), xytext=(4, 3), textcoords="offset points",
-                            fontsize=8)
+                points.setdefault((round(x, 6), round(y, 6)), []).append(run_label(run, latex=False))
+            ax.margins(0.12)
             ax.set(xlabel=r"CIDEr $\times$100", ylabel=rf"{ykey} $\times$100", title=f"{ykey} vs CIDEr (test)")
             ax.grid(alpha=0.3)
             if seen:
-                ax.legend(loc="best", frameon=False)
+                ax.legend(loc="lower left", frameon=False, fontsize=8)
+                fig.canvas.draw()
+                _place_labels(ax, [(x, y, " = ".join(names)) for (x, y), names in points.items()])
             else:
                 ax.text(0.5, 0.5, "no runs with both metrics", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_path, torch_save
+from .io import atomic_path, remove_stale_temporaries, torch_save
 
 
 def select_device(name: str) -> str:
@@ -128,6 +128,7 @@ class WorkDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)  # half-written checkpoints of a killed attempt
         self.last, self.best, self.log_file = self.path / "last.pt", self.path / "best.pt", self.path / "log.jsonl"
 
     def load_last(self) -> dict | None:

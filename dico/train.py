@@ -67,6 +67,25 @@ def check_backbone(payload: dict, store: FeatureStore, path) -> None:
             "use the features of the same features.backbone or retrain")
 
 
+ARCHITECTURE_KEYS = ("d_model", "enc_layers", "dec_layers", "n_heads", "d_ff")
+
+
+def check_architecture(payload: dict, spec: dict, path) -> None:
+    """The checkpoint a run starts from must be the captioner the config describes."""
+    have, want = payload["model_config"], spec["model"]
+    diff = [f"model.{k} is {want[k]} in the config but {have[k]} in the checkpoint"
+            for k in ARCHITECTURE_KEYS if have.get(k) != want.get(k)]
+    if diff:
+        raise ValueError(f"{path} does not match the config: {'; '.join(diff)}. Retrain XE with this config "
+                         "(snakemake reruns train_xe when model.* changes) or restore the config")
+
+
+def usable_rows(store: FeatureStore, records: list[ImageRecord]) -> list[int]:
+    """Rows of the records whose images were read (features.skip_broken_images leaves the others out)."""
+    skipped = set(store.index.get("skipped_images", []))
+    return [i for i, r in enumerate(records) if r.image_id not in skipped]
+
+
 def aligned_store(index_json, records: list[ImageRecord], split: str) -> FeatureStore:
     store = FeatureStore(index_json)
     if store.image_ids != [r.image_id for r in records]:
@@ -104,8 +123,9 @@ class Validator:
     def __init__(self, store: FeatureStore, records: list[ImageRecord], spec: dict, device: str,
                  scorers: dict | None = None):
         n = spec["train"]["val_images"] or len(records)
-        self.store, self.records, self.spec, self.device = store, records[:n], spec, device
-        self.indices = list(range(len(self.records)))
+        self.indices = usable_rows(store, records[:n])  # skipped (unreadable) images are not scored
+        self.store, self.spec, self.device = store, spec, device
+        self.records = [records[i] for i in self.indices]
         self.gts = {i: [simple_tokenize(c) for c in r.captions] for i, r in enumerate(self.records)}
         self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
 
@@ -120,7 +140,7 @@ class Validator:
 
         refs = [list(r.captions) for r in self.records]
         for name, (evaluator, embs, w, prefix) in self.scorers.items():
-            s = score_captions(evaluator, embs[: len(caps)], caps, refs, w=w, prefix=prefix)
+            s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
             metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
         metrics["example"] = caps[0]
         return metrics
@@ -301,6 +321,10 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     train_store = aligned_store(features["train"], train_records, "train")
     val_store = aligned_store(features["val"], val_records, "val")
     tok = CaptionTokenizer.build(spec["model"]["vocab"], (c for r in train_records for c in r.captions))
+    rows = usable_rows(train_store, train_records)
+    if len(rows) < len(train_records):
+        log(f"XE: leaving out {len(train_records) - len(rows)} unreadable train images (features.skip_broken_images)")
+    rows, train_records = torch.tensor(rows), [train_records[i] for i in rows]
     batches = CaptionBatches(train_records, tok, spec["model"]["max_caption_tokens"], spec["seed"],
                              cfg["captions_per_image"])
     log(f"XE: {len(train_records)} images, {len(batches.tokens)} captions, vocabulary {tok.vocab_size}, "
@@ -325,7 +349,7 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
             caps, image_of = caps[mine], image_of[mine]
             caps = caps[:, : int((caps != tok.pad_id).sum(1).max())].to(device)
             images, owner = torch.unique(image_of, return_inverse=True)
-            feats = train_store[images].to(device)
+            feats = train_store[rows[images]].to(device)
             with runtime.autocast(device, amp):
                 # each image is encoded, and its cross-attention K/V projected, once for all its captions
                 cache = model.new_cache(model.encode(feats))
@@ -363,6 +387,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     val_store = aligned_store(features["val"], val_records, "val")
     policy, tok, payload = load_captioner(init_model, device)
     check_backbone(payload, train_store, init_model)
+    check_architecture(payload, spec, init_model)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if method == "dico" else None
     reward_fn = build_reward(spec["reward"], evaluators=evaluators,
                              image_embs={n: e["train"] for n, e in image_embs.items() if "train" in e},
@@ -377,7 +402,8 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
 
     torch.manual_seed(spec["seed"])
     opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
-    sampler = runtime.EpochSampler(len(train_records), spec["seed"])
+    usable = torch.tensor(usable_rows(train_store, train_records))  # no reward for an unreadable image
+    sampler = runtime.EpochSampler(len(usable), spec["seed"])
     loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, dist=dist)
     k, max_len, amp = cfg["k"], spec["decoding"]["max_len"], spec["train"]["amp"]
     gen_mode = cfg.get("generation_mode", "eval")
@@ -386,7 +412,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     def step():
         times = {}
         t = time.time()
-        idx = sampler.next(cfg["batch_images"])
+        idx = usable[sampler.next(cfg["batch_images"])]
         idx = idx[dist.share(len(idx), "batch_images")]
         feats = train_store[idx].to(device)
         policy.train(gen_mode == "train")

@@ -88,6 +88,51 @@ def test_cache_reorder_and_repeat():
     torch.testing.assert_close(step[:, 0], full[:, 4], atol=1e-5, rtol=1e-5)
 
 
+
+def test_shared_cross_kv_equals_copies():
+    """new_cache(repeats=r) keeps one cross K/V per image (cross_repeats=r): same logits as r
+    copies, also after repeat_interleave and after a reorder that mixes images (which expands)."""
+    model, x = tiny(), feats(B=2)
+    mem = model.encode(x)
+    tokens = torch.randint(3, 9, (6, 5))
+    shared = model.new_cache(mem, repeats=3)
+    assert shared.cross_repeats == 3 and shared.cross_kv[0][0].size(0) == 2
+    copies = model.new_cache(mem.repeat_interleave(3, 0))
+    torch.testing.assert_close(model.decode(tokens[:, :3], None, shared),
+                               model.decode(tokens[:, :3], None, copies), atol=1e-5, rtol=1e-5)
+    index = torch.tensor([4, 0, 0, 5, 1, 3])  # rows move across images
+    shared.reorder(index)
+    assert shared.cross_repeats == 1
+    step = model.decode(tokens[index, 3:4], None, shared)
+    full = model.decode(tokens[index, :4], mem.repeat_interleave(3, 0)[index])
+    torch.testing.assert_close(step[:, 0], full[:, 3], atol=1e-5, rtol=1e-5)
+    # repeat_interleave of a shared cache stays shared: row n reads image n // 6
+    cache = model.new_cache(mem, repeats=3)
+    model.decode(tokens[:, :2], None, cache)
+    cache.repeat_interleave(2)
+    assert cache.cross_repeats == 6 and len(cache) == 2
+    step = model.decode(tokens.repeat_interleave(2, 0)[:, 2:3], None, cache)
+    full = model.decode(tokens.repeat_interleave(2, 0)[:, :3], mem.repeat_interleave(6, 0))
+    torch.testing.assert_close(step[:, 0], full[:, 2], atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_logprobs_repeats_gradient_equals_copies():
+    """The shared cross K/V of repeats=k give the same log-probs and parameter gradients."""
+    model, x = tiny(), feats(B=2)
+    caps = torch.tensor([[BOS, 5, EOS, PAD], [BOS, 3, 4, EOS], [BOS, 7, 7, 7],
+                         [BOS, EOS, PAD, PAD], [BOS, 6, 5, EOS], [BOS, 8, EOS, PAD]])
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        mem = model.encode(x)
+        lp = (sequence_logprobs(model, mem, caps, repeats=3) if shared
+              else sequence_logprobs(model, mem.repeat_interleave(3, 0), caps))
+        (lp * torch.arange(1.0, 7.0)).sum().backward()
+        grads.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][name], atol=1e-5, rtol=1e-4, msg=name)
+
 def hand_logprob(model, mem, seq):
     """Sum of log p(next | prefix) over a caption's tokens after BOS, up to and including EOS."""
     total = 0.0

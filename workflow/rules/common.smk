@@ -139,3 +139,69 @@ MAIN_RUNS = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
 TABLES = ["results/tables/main.tex"] + [f"results/tables/ablation_{a}.tex" for a in ABLATIONS]
 FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
 FIGURES = [f"results/figures/{f}.pdf" for f in FIGURE_NAMES]
+
+
+# -- downloads (workflow/rules/download.smk) ------------------------------------------------------
+import shlex
+
+
+class Untracked:
+    """A param that reaches the shell command but not Snakemake's provenance record (which keeps
+    builtin-typed params only): editing a download's URL, pinning its sha256 or changing retries in
+    the config must not re-download a file that exists, nor rerun everything built from it."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+def download_args(url, sha256=None, **extra):
+    """`dico download` arguments: source, checks and retry settings (untracked, see Untracked)."""
+    d = config["data"]["downloads"]
+    args = [f"--url {shlex.quote(url)}", f"--retries {d['retries']}", f"--timeout {d['timeout_s']}"]
+    if sha256:
+        args.append(f"--sha256 {shlex.quote(sha256)}")
+    for key, value in extra.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args.append(f"{flag} {shlex.quote(str(value))}")
+    return Untracked(" ".join(args))
+
+
+def clip_downloads():
+    """{name: entry} of the clip_models to download (source file with a url), one per distinct
+    path (two names may share a checkpoint)."""
+    out, paths = {}, set()
+    for name, m in config["clip_models"].items():
+        if m["source"] == "file" and m.get("url") and m["path"] not in paths:
+            out[name] = m
+            paths.add(m["path"])
+    return out
+
+
+def coco_archive(part):
+    return f"{config['data']['downloads']['archive_dir']}/{part}.zip"
+
+
+def coco_image_dirs():
+    """The COCO image folders (downloaded when missing), for prepare_splits' input. ancient(): a
+    folder's mtime moves whenever anything inside it changes, which must not redo the whole DAG."""
+    if config["data"]["source"] != "karpathy":
+        return []
+    return [ancient(f"{image_root()}/{part}") for part in config["data"]["downloads"]["coco_images"]]
+
+
+def download_targets():
+    """Every file or folder a download rule makes (target download_all)."""
+    files = [m["path"] for m in clip_downloads().values()]
+    if config["data"]["source"] == "karpathy":
+        files += [config["data"]["karpathy_json"]]
+        files += [f"{image_root()}/{part}" for part in config["data"]["downloads"]["coco_images"]]
+    return files
+
+
+OFFICIAL_RUN = "dico_official"

@@ -18,10 +18,11 @@ rule make_demo_data:
 rule prepare_splits:
     input:
         karpathy=karpathy_source(),
+        images=coco_image_dirs(),
     output:
         splits_file(),
     params:
-        image_root=image_root(),
+        image_root=lambda wildcards: image_root(),
         max_refs=(
             f"--max-refs {config['data']['max_refs']}" if config["data"]["max_refs"] else ""
         ),

@@ -44,7 +44,12 @@ rule cache_embeddings:
     output:
         "results/embeddings/{name}/{split}.pt",
     params:
-        spec=lambda wc: spec(dc.clip_model_spec(config, wc.name)),
+        # features.skip_broken_images reaches the spec only when on: the default leaves params unchanged
+        spec=lambda wc: spec(
+            {**dc.clip_model_spec(config, wc.name), "skip_broken_images": True}
+            if config["features"]["skip_broken_images"]
+            else dc.clip_model_spec(config, wc.name)
+        ),
     threads: 1
     log:
         "results/logs/cache_embeddings/{name}_{split}.log",

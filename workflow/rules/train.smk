@@ -1,6 +1,9 @@
 # Stages 4-6: XE pre-training, then fine-tuning from the best XE checkpoint: SCST with each
 # configured reward, DiCO, and one DiCO run per ablation point. Resumable state lives in
 # results/runs/<run>/work/ (not a declared output, so --rerun-incomplete keeps it).
+# `exec`: the shell becomes the training process, so SIGTERM (SLURM preemption / time limit) reaches
+# it alone and Snakemake waits for its checkpoint, instead of seeing the shell die at once and SLURM
+# then tearing the job step down half-way through the checkpoint.
 
 
 rule train_xe:
@@ -20,7 +23,7 @@ rule train_xe:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launch} train xe --spec-json {params.spec:q} --splits {input.splits}"
+        "exec {params.launch} train xe --spec-json {params.spec:q} --splits {input.splits}"
         " --features-train {input.features_train} --features-val {input.features_val}"
         " --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
 
@@ -43,7 +46,7 @@ rule train_scst:
     conda:
         "../../envs/train.yaml"
     shell:
-        "{params.launch} train {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
+        "exec {params.launch} train {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
         " --init {input.init} --features-train {input.features_train} --features-val {input.features_val}"
         " {params.models} --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
 

@@ -1,0 +1,150 @@
+"""Speed benchmarks of dico's fast paths, each against its slow baseline in the same process.
+
+    python bench/run.py                      # everything + scaling sweeps; records bench/RESULTS.md
+    python bench/run.py --quick              # small sizes, main benchmarks only (< 5 min on 2 cores)
+    python bench/run.py --only beam cider    # some of them (names below)
+    python bench/run.py --list
+
+One line per benchmark, `name: <what was compared> <ratio>x`: both sides run in this process,
+interleaved over several repetitions; the ratio is baseline median / fast median. Other jobs on a
+shared machine change absolute times a lot; the ratios hold. --threads (default 1) pins torch's
+intra-op threads: on a loaded 2-core machine 2 OpenMP threads lose far more to preemption than they
+gain. A full run (no --quick, no --only) replaces its block in bench/RESULTS.md (--no-record: don't).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # cache_features' progress bar
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts the repo root on sys.path)
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- bench/run.py: begin (generated; edited by hand at your own risk) -->", "<!-- bench/run.py: end -->"
+LINE = re.compile(r"^[a-z_0-9]+: .+ \d+(\.\d+)?x$")
+
+
+def _cider(quick):
+    from cider_bench import bench_cider
+    return [bench_cider(quick)]
+
+
+def _cider_reward(quick):
+    from cider_bench import bench_cider_reward
+    return [bench_cider_reward(quick)]
+
+
+def _beam(quick):
+    from decode_bench import bench_beam
+    return [bench_beam(quick)]
+
+
+def _features(quick):
+    from features_bench import bench_features
+    return [bench_features(quick)]
+
+
+def _jpeg_draft(quick):
+    from features_bench import bench_jpeg_draft
+    return [bench_jpeg_draft(quick)]
+
+
+def _dico_step(quick):
+    from step_bench import bench_dico_step
+    return [bench_dico_step(quick)]
+
+
+def _scaling_cider(quick):
+    from cider_bench import bench_cider, bench_cider_reward
+
+    sizes = (500, 1000) if quick else (1000, 5000)
+    lines = [bench_cider(quick, n_images=n, repeats=3).replace("cider:", f"scaling_cider_{n}:", 1) for n in sizes]
+    for b in (50, 200):  # per-step cost vs candidates; 10k-image train corpus (quick sizes) to save time
+        lines.append(bench_cider_reward(True, batch_images=b).replace("cider_reward:", f"scaling_cider_reward_{b}:", 1))
+    return lines
+
+
+def _scaling_beam(quick):
+    from decode_bench import scaling_beam
+    return scaling_beam(quick)
+
+
+def _scaling_features(quick):
+    from features_bench import scaling_features
+    return scaling_features(quick)
+
+
+def _scaling_dico_step(quick):
+    from step_bench import scaling_dico_step
+    return scaling_dico_step(quick)
+
+
+MAIN = {"cider": _cider, "cider_reward": _cider_reward, "beam": _beam, "features": _features,
+        "jpeg_draft": _jpeg_draft, "dico_step": _dico_step}
+SCALING = {"scaling_cider": _scaling_cider, "scaling_beam": _scaling_beam, "scaling_features": _scaling_features,
+           "scaling_dico_step": _scaling_dico_step}
+ALL = {**MAIN, **SCALING}
+
+
+def record(lines: list[str], header: str, quick: bool, seconds: float) -> None:
+    """Replace the generated block of RESULTS.md (create the file if needed)."""
+    block = "\n".join([BEGIN, f"Machine: {header}", "",
+                       f"`python bench/run.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min):", "", "```",
+                       *lines, "```", END])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(RESULTS)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes; main benchmarks only unless --only names more")
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=sorted(ALL), help="run these benchmarks")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--no-record", action="store_true", help="never write bench/RESULTS.md")
+    ap.add_argument("--list", action="store_true", help="list the benchmark names and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(ALL))
+        return 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    names = args.only or (list(MAIN) if args.quick else list(ALL))
+    header = common.describe_machine(common.machine_info())
+    print(f"# {header}", flush=True)
+    lines, failed, start = [], [], time.time()
+    for name in names:
+        try:
+            for line in ALL[name](args.quick):
+                assert LINE.match(line), f"malformed benchmark line: {line!r}"
+                print(line, flush=True)
+                lines.append(line)
+        except Exception:  # keep going: one broken benchmark must not hide the others
+            failed.append(name)
+            traceback.print_exc()
+            print(f"# {name}: FAILED (traceback on stderr)", flush=True)
+    seconds = time.time() - start
+    print(f"# {len(lines)} lines in {seconds:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    if not (args.quick or args.only or args.no_record or failed):
+        record(lines, header, args.quick, seconds)
+        print(f"# recorded in {RESULTS}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Smoke tests of the benchmark scripts: they run and print well-formed lines (never wall times)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^[a-z_0-9]+: .+ \d+(\.\d+)?x$")
+
+
+def run(*args, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def bench_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def test_run_quick_cheap_benchmarks():
+    out = run("bench/run.py", "--quick", "--only", "cider_reward")
+    assert out.startswith("# ") and "cores" in out.splitlines()[0]  # the machine header
+    lines = bench_lines(out)
+    assert [line.split(":")[0] for line in lines] == ["cider_reward"]
+    for line in lines:
+        assert LINE.match(line), line
+
+
+def test_run_lists_every_benchmark():
+    names = run("bench/run.py", "--list").split()
+    for name in ("cider", "cider_reward", "beam", "features", "dico_step", "scaling_beam", "scaling_dico_step"):
+        assert name in names
+
+
+def test_record_replaces_its_block(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("dico_bench_run", ROOT / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nprose above\n")
+    monkeypatch.setattr(bench_run, "RESULTS", results)
+    bench_run.record(["cider: a vs b 12.0x"], "machine one", False, 60)
+    bench_run.record(["cider: a vs b 13.0x"], "machine two", False, 60)
+    text = results.read_text()
+    assert "prose above" in text and "13.0x" in text and "machine two" in text
+    assert "12.0x" not in text and text.count(bench_run.BEGIN) == 1
+
+
+def test_gpu_script_degrades_without_cuda_and_plans():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the no-GPU path cannot be exercised")
+    out = run("bench/gpu.py", timeout=120)
+    assert "no CUDA device" in out
+    plan = run("bench/gpu.py", "--dry-run", timeout=60)
+    assert "ViT-L-14" in plan and "8192 JPEGs" in plan
+
+
+def test_gpu_script_cpu_tiny_runs_every_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = run("bench/gpu.py", "--device", "cpu", "--tiny", "--results", str(results))
+    lines = bench_lines(out)
+    assert [line.split(":")[0] for line in lines] == ["gpu_vit", "gpu_features", "gpu_xe", "gpu_beam",
+                                                       "gpu_dico_step"]
+    for line in lines:
+        assert LINE.match(line), line
+    text = results.read_text()
+    assert "### GPU run:" in text and all(line in text for line in lines)
