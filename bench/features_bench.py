@@ -8,9 +8,8 @@ throughput.
   features to fp16, one np.save at the end (the naive script);
 - cache_features: the library call the `cache_features` rule makes (DataLoader workers decode and
   preprocess while the main process runs the model on large batches; fp16 .npy shard; index.json);
-- draft: the same DataLoader pipeline with the proposed decode (PIL draft: DCT-domain 1/2-scale
-  decode of the 640x480 JPEGs, then the same bicubic resize/crop), replicated here because it is a
-  proposal for features.py, not in it yet.
+- draft: the same call with `jpeg_draft=True` (config `features.jpeg_draft`; PIL draft: DCT-domain
+  1/2-scale decode of the 640x480 JPEGs, then the same bicubic resize/crop).
 The second line, jpeg_draft, isolates the decode + preprocess of one image in one process.
 """
 from __future__ import annotations
@@ -25,21 +24,6 @@ import torch
 
 import images
 from common import interleaved, tiny_evaluator
-
-
-class _DraftImages(torch.utils.data.Dataset):
-    """The proposed features._Images: PIL draft decode, then CLIP's resize/crop/normalise."""
-
-    def __init__(self, paths, size, mean, std):
-        self.paths, self.size = paths, size
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        x = images.to_uint8_chw(images.load_draft(self.paths[i], self.size)).float().div_(255)
-        return (x - self.mean) / self.std
 
 
 def _cpu_seconds() -> float:
@@ -91,7 +75,7 @@ class FeatureBench:
         return feats
 
     def pipeline(self, num_workers: int | None = None, batch_size: int | None = None,
-                 shard_size: int | None = None) -> np.ndarray:
+                 shard_size: int | None = None, jpeg_draft: bool = False) -> np.ndarray:
         from dico.features import cache_features
 
         self.runs += 1
@@ -99,18 +83,13 @@ class FeatureBench:
         index = cache_features(self.ev, "bench", self.ckpt, self.records, "bench", out_dir,
                                shard_size=shard_size or len(self.records), batch_size=batch_size or self.batch_size,
                                num_workers=self.workers if num_workers is None else num_workers,
-                               log=lambda *a, **k: None)
+                               jpeg_draft=jpeg_draft, log=lambda *a, **k: None)
         feats = np.concatenate([np.load(out_dir / s["file"]) for s in index["shards"]])
         shutil.rmtree(out_dir)
         return feats
 
     def draft(self) -> np.ndarray:
-        ds = _DraftImages(self.paths, self.ev.image_size, self.ev.mean, self.ev.std)
-        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers)
-        with torch.no_grad():
-            feats = np.concatenate([self.ev.grid_features(x).numpy().astype(np.float16) for x in loader])
-        np.save(self.tmp / "draft.npy", feats)
-        return feats
+        return self.pipeline(jpeg_draft=True)
 
 
 def bench_features(quick: bool, n_images: int | None = None, repeats: int | None = None) -> str:
@@ -134,7 +113,7 @@ def bench_features(quick: bool, n_images: int | None = None, repeats: int | None
     return (f"features: grid-feature caching of {n} COCO-like 640x480 JPEGs ({kb:.0f} KB mean) through a small "
             f"open_clip ViT (224 px, patch 32, 2x128), dico.features.cache_features ({fb.workers} decode workers, "
             f"batch {fb.batch_size}) {ips['pipeline']:.0f} img/s vs one-image-at-a-time loop {ips['loop']:.0f} img/s "
-            f"[proposed: same pipeline + PIL draft decode {ips['draft']:.0f} img/s, {ips['draft'] / ips['pipeline']:.2f}x "
+            f"[with features.jpeg_draft: {ips['draft']:.0f} img/s, {ips['draft'] / ips['pipeline']:.2f}x "
             f"over cache_features, features of the random tiny ViT differ by {draft_err * 100:.1f}% mean relative]; "
             f"CPU time per image (all processes) loop {ms['loop']:.1f} ms, cache_features {ms['pipeline']:.1f} ms, "
             f"draft {ms['draft']:.1f} ms: the workers add throughput only where idle cores exist; median of {repeats} "
@@ -152,15 +131,15 @@ def bench_jpeg_draft(quick: bool, n_images: int | None = None, repeats: int | No
     try:
         paths = images.write_jpegs(tmp, n, seed=1)
         ev = _feature_model()
-        ds = _DraftImages(paths, 224, ev.mean, ev.std)
         err_mean, err_max = images.draft_pixel_error(paths[:16])
         t = interleaved({"full": lambda: [clip_preprocess(load_image(p), 224, ev.mean, ev.std) for p in paths],
-                         "draft": lambda: [ds[i] for i in range(n)]}, repeats)
+                         "draft": lambda: [clip_preprocess(load_image(p, draft_size=224), 224, ev.mean, ev.std)
+                                           for p in paths]}, repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (f"jpeg_draft: decode + CLIP preprocess (bicubic 224, crop, normalise) of {n} COCO-like 640x480 JPEGs in "
-            f"one process, PIL draft('RGB', (224, 224)) (DCT-domain decode at 320x240) vs full decode "
-            f"(dico.data.load_image + clip_preprocess): {t['draft'] / n * 1e3:.2f} vs {t['full'] / n * 1e3:.2f} ms/img, "
+            f"one process, dico.data.load_image(draft_size=224) (PIL draft: DCT-domain decode at 320x240) vs full "
+            f"decode, both + clip_preprocess: {t['draft'] / n * 1e3:.2f} vs {t['full'] / n * 1e3:.2f} ms/img, "
             f"pixels differ by {err_mean:.2f}/255 mean ({err_max:.0f} max); median of {repeats} "
             f"{t['full'] / t['draft']:.1f}x")
 
@@ -181,7 +160,7 @@ def scaling_features(quick: bool) -> list[str]:
     return [f"scaling_features: cache_features on {n} JPEGs, img/s with 0/1/2 decode workers (batch 16): "
             + " / ".join(f"{n / t[f'w{w}']:.0f}" for w in (0, 1, 2))
             + f"; 2 workers at batch 64: {n / t['w2_b64']:.0f} (a worker decodes a whole batch, so n/batch must "
-            + f"exceed the workers for any overlap); 2 workers, shards of {2 * fb.batch_size} images (a new "
-            + f"DataLoader per shard: workers refill at every shard) {n / t['w2_shard']:.0f}; "
+            + f"exceed the workers for any overlap); 2 workers, shards of {2 * fb.batch_size} images (one "
+            + f"DataLoader across the shards) {n / t['w2_shard']:.0f}; "
             + f"loop {n / t['loop']:.0f}; 2 workers vs in-process decoding "
             + f"{t['w0'] / t['w2']:.1f}x"]

@@ -96,15 +96,14 @@ def cmd_cache_features(args):
     index = cache_features(evaluator, s["backbone"], args.checkpoint or s["model"]["path"],
                            load_split(args.splits, args.split), args.split, args.out_dir,
                            shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"],
-                           num_workers=s["num_workers"], skip_broken=s["skip_broken_images"], device=device,
+                           num_workers=s["num_workers"], skip_broken=s["skip_broken_images"],
+                           jpeg_draft=s["jpeg_draft"], device=device,
                            log=log.info)
     log.info("features %s/%s: %d images, %dx%d %s in %.1fs", s["backbone"], args.split, index["n_images"],
              index["tokens"], index["dim"], index["dtype"], index["seconds"])
 
 
 def cmd_cache_embeddings(args):
-    import torch
-
     from .data import load_split
     from .evaluate import embed_images, skipped_rows
     from .io import torch_save

@@ -110,14 +110,19 @@ def references(records: Iterable[ImageRecord]) -> dict[int, list[str]]:
     return {r.image_id: list(r.captions) for r in records}
 
 
-def load_image(path: str | Path, split: str | None = None):
-    """Open an image as RGB, with an error that names the file (and split) when it is broken."""
+def load_image(path: str | Path, split: str | None = None, draft_size: int | None = None):
+    """Open an image as RGB, with an error that names the file (and split) when it is broken.
+
+    `draft_size`: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, as small as
+    keeps both sides >= draft_size (PIL `Image.draft`); other formats ignore it."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     where = f" (split {split!r})" if split else ""
     try:
         with Image.open(path) as im:
+            if draft_size:
+                im.draft("RGB", (draft_size, draft_size))
             return im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path}{where} does not exist; check data.image_root in the "

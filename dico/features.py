@@ -30,20 +30,21 @@ FORMAT = "dico-features-v1"
 class _Images(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers, overlapping with the model."""
 
-    def __init__(self, records: list[ImageRecord], preprocess, split: str, skip_broken: bool, size: int):
+    def __init__(self, records: list[ImageRecord], preprocess, split: str, skip_broken: bool, size: int,
+                 draft_size: int | None = None):
         self.records, self.preprocess, self.split = records, preprocess, split
-        self.skip_broken, self.size = skip_broken, size
+        self.skip_broken, self.size, self.draft_size = skip_broken, size, draft_size
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
         try:
-            return self.preprocess(load_image(self.records[i].path, self.split)), True
+            return self.preprocess(load_image(self.records[i].path, self.split, self.draft_size)), True, i
         except (OSError, ValueError):
             if not self.skip_broken:
                 raise
-            return torch.zeros(3, self.size, self.size), False
+            return torch.zeros(3, self.size, self.size), False, i
 
 
 def fingerprint(checkpoint: str | Path, records: list[ImageRecord], shard_size: int, dtype: str) -> str:
@@ -59,13 +60,19 @@ def fingerprint(checkpoint: str | Path, records: list[ImageRecord], shard_size: 
 def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
                    split: str, out_dir: str | Path, *, shard_size: int, batch_size: int,
                    dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
-                   device: str = "cpu", log=print) -> dict:
+                   jpeg_draft: bool = False, device: str = "cpu", log=print) -> dict:
     """Compute and store grid features of `records`; resume at the first missing shard.
 
     `progress.json` records the fingerprint and, per finished shard, the images skipped in it; a
     shard counts as done only if it is listed there and its file holds the expected array, so a
     shard killed mid-write, truncated or left by another configuration is recomputed, and the
     skipped images of shards cached by an earlier (killed) attempt are still reported.
+
+    One DataLoader covers every shard still to compute, so the decoding workers never idle at a
+    shard boundary, and rows go straight into a memory-mapped temporary of their shard (no copy of
+    the shard in RAM: 2,048 ViT-L/14 images are 1 GB in fp16, 4 GB as a float32 list).
+    `jpeg_draft` lets libjpeg decode at a reduced scale (still >= the model's input size) before the
+    resize: ~1.7x cheaper decoding, pixels ~1.5/255 off CLIP's reference preprocessing, so opt-in.
     """
     from tqdm import tqdm
 
@@ -76,7 +83,7 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
     # an index from an earlier run must not describe the shards while they are being replaced
     (out_dir / "index.json").unlink(missing_ok=True)
     remove_stale_temporaries(out_dir)
-    fp = fingerprint(checkpoint, records, shard_size, dtype)
+    fp = fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
     progress_file = out_dir / "progress.json"
     progress = _read_progress(progress_file)
     if progress.get("fingerprint") != fp:
@@ -88,9 +95,7 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
         write_json(progress_file, progress)
 
     n_shards = (len(records) + shard_size - 1) // shard_size
-    shards, skipped, done_before, shape = [], [], 0, None
-    start_time = time.time()
-    bar = tqdm(total=len(records), desc=f"features {split}", unit="img", mininterval=2.0)
+    shards, todo, skipped, done_before, shape = [], [], [], 0, None
     for s in range(n_shards):
         lo, hi = s * shard_size, min((s + 1) * shard_size, len(records))
         path = out_dir / f"shard_{s:05d}.npy"
@@ -100,20 +105,23 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
             shape = shape or np.load(path, mmap_mode="r").shape[1:]
             skipped += done["skipped"]
             done_before += hi - lo
-            bar.update(hi - lo)
-            continue
-        feats, ok = _compute(evaluator, records[lo:hi], split, batch_size, num_workers, skip_broken, device, bar)
+        else:
+            todo.append((s, lo, hi))
+
+    start_time = time.time()
+    bar = tqdm(total=len(records), initial=done_before, desc=f"features {split}", unit="img", mininterval=2.0)
+    for s, lo, hi, feat_shape, ok in _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers,
+                                              skip_broken, jpeg_draft, dtype, out_dir, device, bar):
         if not ok.any() and hi - lo > 1:
             raise ValueError(f"none of the {hi - lo} images {records[lo].path} ... {records[hi - 1].path} "
                              f"(split {split!r}) could be read; check data.image_root in the config "
                              "(features.skip_broken_images only covers a few broken files)")
-        shape = shape or feats.shape[1:]
+        if shape is not None and tuple(feat_shape) != tuple(shape):
+            raise RuntimeError(f"shard {s} of {out_dir} has features {feat_shape}, the others {tuple(shape)}")
+        shape = shape or feat_shape
         shard_skipped = [records[lo + i].image_id for i in np.flatnonzero(~ok)]
         skipped += shard_skipped
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feats.astype(dtype))
-        progress["done"][path.name] = {"count": hi - lo, "skipped": shard_skipped}
+        progress["done"][f"shard_{s:05d}.npy"] = {"count": hi - lo, "skipped": shard_skipped}
         write_json(progress_file, progress)  # after the shard: a kill in between recomputes it
     bar.close()
     if done_before:
@@ -123,7 +131,7 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
             f"(features.skip_broken_images; their features are zeros): {skipped[:20]}")
     index = {"format": FORMAT, "backbone": backbone, "checkpoint": str(checkpoint), "fingerprint": fp,
              "split": split, "n_images": len(records), "tokens": int(shape[0]),
-             "dim": int(shape[1]), "dtype": dtype, "image_ids": [r.image_id for r in records],
+             "dim": int(shape[1]), "dtype": dtype, "jpeg_draft": jpeg_draft, "image_ids": [r.image_id for r in records],
              "shards": shards, "skipped_images": skipped,
              "seconds": round(time.time() - start_time, 2)}
     write_json(out_dir / "index.json", index)  # last: the index vouches for complete shards only
@@ -150,22 +158,66 @@ def _shard_ok(path: Path, count: int, shape=None, dtype: str | None = None) -> b
             and (dtype is None or arr.dtype == np.dtype(dtype)))
 
 
+class _ShardBatches(torch.utils.data.Sampler):
+    """Batches of record indices that never straddle a shard, over the shards still to compute."""
+
+    def __init__(self, todo: list[tuple[int, int, int]], batch_size: int):
+        self.batches = [list(range(b, min(b + batch_size, hi)))
+                        for _, lo, hi in todo for b in range(lo, hi, batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 @torch.no_grad()
-def _compute(evaluator, records, split, batch_size, num_workers, skip_broken, device, bar):
-    ds = _Images(records, evaluator.preprocess, split, skip_broken, evaluator.image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=str(device).startswith("cuda"))
-    out, oks = [], []
-    for pixels, ok in loader:
-        pixels = pixels.to(device, non_blocking=True)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-            feats = evaluator.grid_features(pixels)
-        feats = feats.float().cpu()
-        feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented
-        out.append(feats.numpy())
-        oks.append(ok.numpy())
-        bar.update(len(pixels))
-    return np.concatenate(out), np.concatenate(oks).astype(bool)
+def _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers, skip_broken, jpeg_draft,
+             dtype, out_dir, device, bar):
+    """Yield (shard, lo, hi, feature shape, ok mask) for each shard of `todo` once it is on disk.
+
+    A shard is written into a temporary `.npy` memory map and renamed onto its final name when its
+    last batch is in (io.atomic_path): a kill mid-shard leaves only a temporary nobody trusts.
+    """
+    if not todo:
+        return
+    ds = _Images(records, evaluator.preprocess, split, skip_broken, evaluator.image_size,
+                 evaluator.image_size if jpeg_draft else None)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=_ShardBatches(todo, batch_size),
+                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    shard_of = {s: (lo, hi) for s, lo, hi in todo}
+    current = None  # (shard, writer context, memmap, ok mask)
+    try:
+        for pixels, ok, idx in loader:
+            s = int(idx[0]) // shard_size
+            lo, hi = shard_of[s]
+            pixels = pixels.to(device, non_blocking=True)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+                feats = evaluator.grid_features(pixels)
+            feats = feats.to(torch.float32 if dtype == "float32" else torch.float16).cpu()
+            feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented
+            if current is None:
+                ctx = atomic_path(out_dir / f"shard_{s:05d}.npy")
+                tmp = ctx.__enter__()
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(hi - lo, *feats.shape[1:]))
+                current = (s, ctx, arr, np.zeros(hi - lo, bool))
+            _, ctx, arr, oks = current
+            rows = idx.numpy() - lo
+            arr[rows] = feats.numpy()
+            oks[rows] = ok.numpy()
+            bar.update(len(pixels))
+            if rows[-1] == hi - lo - 1:  # batches of a shard arrive in order: this was its last one
+                arr.flush()
+                shape = arr.shape[1:]
+                del arr
+                current = None
+                ctx.__exit__(None, None, None)  # rename onto the final name
+                yield s, lo, hi, shape, oks
+    except BaseException as e:
+        if current is not None:
+            current[1].__exit__(type(e), e, e.__traceback__)  # removes the temporary
+        raise
 
 
 class FeatureStore:

@@ -198,8 +198,21 @@ def make_table(name: str, caption: str, row_header: str, rows: list[tuple[str, s
             raise ValueError(f"reported numbers, table {name} row {key!r}: unknown columns {sorted(unknown)} "
                              f"(columns: {', '.join(c for c, _ in columns)})")
         cells = {col: summarise(metrics, mkey, paper.get(col)) for col, mkey in columns}
+        if all(best_step(m) == 0 for m in metrics):
+            label += r"$^\ddagger$"
         out.append(Row(key, label, cells, metrics))
-    return Table(name, caption, row_header, [c for c, _ in columns], out, dict(columns))
+    table = Table(name, caption, row_header, [c for c, _ in columns], out, dict(columns))
+    if any(r.label.endswith(r"$^\ddagger$") for r in out):
+        # e.g. SCST on a CLIP reward selected by validation CIDEr: every later checkpoint scored lower,
+        # so the row repeats its starting model. Say so instead of letting it pass for a result.
+        table.notes.append(r"$^\ddagger$No validation improvement during fine-tuning: the selected checkpoint "
+                           r"is the starting model (step 0); the training log shows the later steps.")
+    return table
+
+
+def best_step(metrics: dict) -> int | None:
+    """Training step of the checkpoint these metrics were computed from (None when unknown)."""
+    return ((metrics.get("provenance") or {}).get("run_provenance") or {}).get("best_step")
 
 
 def best_per_column(table: Table) -> dict[str, float | None]:
@@ -267,7 +280,8 @@ def to_frame(table: Table):
     with_paper = any(c.reported is not None for c in cells)
     records = []
     for r in table.rows:
-        rec = {"row": r.key, "runs": ";".join(m["run"] for m in r.sources), "seeds": len(r.sources)}
+        rec = {"row": r.key, "runs": ";".join(m["run"] for m in r.sources), "seeds": len(r.sources),
+               "best_step": ";".join(str(best_step(m)) for m in r.sources)}
         for col in table.columns:
             c = r.cells[col]
             rec[col] = _round(c.mean)
@@ -293,7 +307,7 @@ def source_record(path, metrics: dict | None = None) -> dict:
         prov = metrics.get("provenance") or {}
         run_prov = prov.get("run_provenance") or {}
         rec.update(run=metrics.get("run"), split=metrics.get("split"), git_commit=prov.get("git_commit"),
-                   seed=run_prov.get("seed", prov.get("seed")), best_step=run_prov.get("best_step"))
+                   seed=run_prov.get("seed", prov.get("seed")), best_step=best_step(metrics))
     return rec
 
 
@@ -379,7 +393,7 @@ def ablation_table(name: str, metrics: list[dict], spec: dict, reported: dict | 
     shown_default = latex_escape(reward_label(default) if name == "reward" else default)
     table.caption = (f"DiCO ablation of {ABLATION_SYMBOLS.get(name, latex_escape(name))}. "
                      f"{_scope_caption(dataset, metrics)} {_scale_caption(table)}")
-    table.notes = [rf"$^\dagger$Default of DiCO ({shown_default})."]
+    table.notes.insert(0, rf"$^\dagger$Default of DiCO ({shown_default}).")
     return table
 
 
@@ -497,20 +511,27 @@ def _mean_metric(metrics: list[dict], key: str):
 
 
 def _place_labels(ax, points: list[tuple[float, float, str]]) -> None:
-    """Label scatter points without overlaps: try a few offsets per label and keep the first one whose
-    box hits no other label, no marker and stays inside the axes (greedy, in display coordinates)."""
+    """Label scatter points without overlaps: try a few positions around each point and keep the first
+    whose box hits no other label, no marker (its own included) and stays inside the axes (greedy, in
+    display coordinates; a label that fits nowhere takes the position with the fewest collisions)."""
+    from matplotlib.transforms import Bbox
+
     renderer = ax.figure.canvas.get_renderer()
-    markers = ax.transData.transform([(x, y) for x, y, _ in points])
-    offsets = [(5, 3), (5, -10), (-5, 3), (-5, -10), (0, 7), (0, -13), (9, -3), (-9, -3)]
+    r = 5 * ax.figure.dpi / 72  # half a marker, in pixels
+    markers = [Bbox.from_extents(mx - r, my - r, mx + r, my + r)
+               for mx, my in ax.transData.transform([(x, y) for x, y, _ in points])]
+    # (dx, dy) in points: right/left of the marker, above/below, then straight above/below/beside
+    offsets = [(6, 2), (6, -2), (-6, 2), (-6, -2), (0, 7), (0, -7), (8, 0), (-8, 0)]
     placed = []
-    for (x, y, text), here in zip(points, markers):
+    for x, y, text in points:
         best = None
         for dx, dy in offsets:
             ha = "left" if dx > 0 else "right" if dx < 0 else "center"
-            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
+            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                                ha=ha, va=va)
             box = label.get_window_extent(renderer)
-            cost = (sum(box.overlaps(other) for other in placed)
-                    + sum(box.contains(*m) for m in markers if tuple(m) != tuple(here))
+            cost = (sum(box.overlaps(other) for other in placed) + sum(box.overlaps(m) for m in markers)
                     + 2 * (not ax.bbox.contains(box.x0, box.y0) or not ax.bbox.contains(box.x1, box.y1)))
             if best is None or cost < best[0]:
                 if best is not None:
@@ -532,6 +553,7 @@ def figure_tradeoff(metrics: list[dict], out_pdf, spec: dict | None = None) -> d
     runs = run_order(groups, (spec or {}).get("scst_rewards", []))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.4))
+        shared = {}
         for ax, ykey in zip(axes, ["PAC-S", "CLIP-S"]):
             seen, points = set(), {}
             for run in runs:
@@ -548,12 +570,27 @@ def figure_tradeoff(metrics: list[dict], out_pdf, spec: dict | None = None) -> d
             ax.set(xlabel=r"CIDEr $\times$100", ylabel=rf"{ykey} $\times$100", title=f"{ykey} vs CIDEr (test)")
             ax.grid(alpha=0.3)
             if seen:
-                ax.legend(loc="lower left", frameon=False, fontsize=8)
                 fig.canvas.draw()
-                _place_labels(ax, [(x, y, " = ".join(names)) for (x, y), names in points.items()])
+                # runs sharing a point get one short label, "XE (+2)", spelled out under the figure
+                _place_labels(ax, [(x, y, names[0] + (f" (+{len(names) - 1})" if len(names) > 1 else ""))
+                                   for (x, y), names in points.items()])
+                shared.update({names[0]: names[1:] for names in points.values() if len(names) > 1})
             else:
                 ax.text(0.5, 0.5, "no runs with both metrics", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
+        handles = {}
+        for ax in axes:  # one legend above both panels: none inside the axes to hide points or labels
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        if handles:
+            fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), frameon=False,
+                       bbox_to_anchor=(0.5, 1.0))
+        bottom = 0.0
+        if shared:
+            note = "; ".join(f"{first} (+{len(rest)}): also {', '.join(rest)}, same scores"
+                             for first, rest in shared.items())
+            fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, wrap=True)
+            bottom = 0.3 / fig.get_figheight()
+        fig.tight_layout(rect=(0, bottom, 1, 1 - 0.35 / fig.get_figheight()))
     return save_figure(fig, out_pdf, "dico report figure-tradeoff", [source_record(m["path"], m) for m in metrics])
 
 

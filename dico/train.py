@@ -333,7 +333,8 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     torch.manual_seed(spec["seed"])
     model = build_model(spec, tok, train_store.dim).to(device)
     log(f"captioner: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    runtime.maybe_compile(model, spec["train"]["compile"], log)
+    opt = runtime.adam(model.parameters(), cfg["lr"], device)
     warmup = max(1, round(cfg["warmup_ratio"] * cfg["steps"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
@@ -401,7 +402,8 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
         f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}")
 
     torch.manual_seed(spec["seed"])
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg["lr"])
+    runtime.maybe_compile(policy, spec["train"]["compile"], log)
+    opt = runtime.adam(policy.parameters(), cfg["lr"], device)
     usable = torch.tensor(usable_rows(train_store, train_records))  # no reward for an unreadable image
     sampler = runtime.EpochSampler(len(usable), spec["seed"])
     loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, dist=dist)

@@ -1,7 +1,4 @@
-import copy
-
 import pytest
-import yaml
 
 from dico import config as C
 

@@ -1,7 +1,6 @@
 """Tests of dico.evaluator on tiny random CLIPs (no pretrained weights exist offline)."""
 import json
 import os
-import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -24,10 +24,10 @@ import pytest
 import torch
 import yaml
 
-from dico.data import load_split, normalise_karpathy
-from dico.demo import make_demo_data
-from dico.evaluator import build_tiny_clip, load_evaluator, save_evaluator, tiny_clip_config
+from dico.data import load_split
+from dico.evaluator import load_evaluator
 from dico.features import FeatureStore, cache_features
+from worlds import tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -63,12 +63,7 @@ TARGETS = ["results/metrics/xe/test.json", "results/metrics/dico/test.json"]
 def world(tmp_path_factory):
     """40/8/8 demo images, a random tiny CLIP backbone, cached train/val features, a config file."""
     root = tmp_path_factory.mktemp("faults")
-    karpathy = make_demo_data(root / "demo", n_train=40, n_val=8, n_test=8, image_size=32, seed=1)
-    normalise_karpathy(karpathy, root / "demo" / "images", root / "splits.json")
-    cfg = tiny_clip_config(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=1,
-                           text_width=64, text_layers=1, context_length=32)
-    save_evaluator(build_tiny_clip(cfg, seed=0), root / "clip.pt")
-    ev = load_evaluator(root / "clip.pt")
+    ev = tiny_world(root, n_train=40, n_val=8, n_test=8, seed=1)
     for split in ("train", "val"):
         cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
                        root / "features" / split, shard_size=16, batch_size=16, log=lambda *a: None)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -205,3 +206,28 @@ def test_dropout_only_in_train_mode():
     a = model(x, tokens)
     b = model(x, tokens)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.slow  # ~1 min of inductor compilation on a CPU
+def test_compiled_blocks_give_the_same_beams_logprobs_gradients_and_checkpoint_names():
+    import copy
+
+    from dico import runtime
+    from dico.decoding import beam_search
+
+    eager = tiny(seed=4, vocab=12).eval()
+    compiled = runtime.maybe_compile(copy.deepcopy(eager), True, log=lambda *a: None)
+    assert runtime.maybe_compile(eager, False) is eager  # train.compile: false is a no-op
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    mem_e, mem_c = eager.encode(feats(B=3)), compiled.encode(feats(B=3))
+    beams_e, scores_e = beam_search(eager, mem_e, beam_size=3, max_len=7)
+    beams_c, scores_c = beam_search(compiled, mem_c, beam_size=3, max_len=7)
+    assert torch.equal(beams_e, beams_c) and torch.allclose(scores_e, scores_c, atol=1e-5)
+    caps = beams_e.reshape(9, -1)
+    lp_e = sequence_logprobs(eager, eager.encode(feats(B=3)), caps, repeats=3)
+    lp_c = sequence_logprobs(compiled, compiled.encode(feats(B=3)), caps, repeats=3)
+    lp_e.sum().backward()
+    lp_c.sum().backward()
+    assert torch.allclose(lp_e, lp_c, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name

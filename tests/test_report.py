@@ -30,7 +30,7 @@ BASE = {"BLEU-1": 0.70, "BLEU-4": 0.30, "METEOR": 0.25, "ROUGE-L": 0.52, "CIDEr"
         "CLIP-S": 0.70, "RefCLIP-S": 0.75, "PAC-S": 0.80, "RefPAC-S": 0.85}
 
 
-def write_metrics(root, run, split="test", seed=0, **scores):
+def write_metrics(root, run, split="test", seed=0, best_step=10, **scores):
     metrics = dict(BASE, **{k.replace("_", "-"): v for k, v in scores.items()})
     path = Path(root) / "metrics" / run / f"{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def write_metrics(root, run, split="test", seed=0, **scores):
         "extra": {}, "diversity": {},
         "provenance": {"git_commit": f"commit-{run}", "config": {}, "seed": None, "versions": {},
                        "device": "cpu", "wall_time_s": 1.0,
-                       "run_provenance": {"checkpoint": "x", "run": run, "seed": seed, "best_step": 10,
+                       "run_provenance": {"checkpoint": "x", "run": run, "seed": seed, "best_step": best_step,
                                           "val": {}, "spec": {}}}}))
     return path
 
@@ -98,6 +98,19 @@ def test_main_table_rows_columns_bold_scale_and_spice_note(tmp_path):
     assert all(cells(tex, label)[4] == "--$^{a}$" for label in ["XE", "DiCO"])
     assert "$^{a}$SPICE: " + report.latex_escape(SPICE_WHY) in tex
     assert "demo data" in table.caption and "not COCO" in table.caption
+
+
+def test_a_fine_tune_that_kept_its_starting_model_is_marked(tmp_path):
+    paths = main_metrics(tmp_path)
+    paths[2] = write_metrics(tmp_path, "scst_clip_s", best_step=0)  # no validation improvement
+    table = report.main_table(report.load_metrics(paths), SPEC)
+    tex = report.to_latex(table)
+    assert row_line(tex, r"SCST (CLIP-S)$^\ddagger$")
+    assert [r.label.endswith(r"$^\ddagger$") for r in table.rows] == [False, False, True, False, False]
+    assert "selected checkpoint is the starting model (step 0)" in tex
+    assert list(report.to_frame(table)["best_step"]) == ["10", "10", "0", "10", "10"]
+    clean = report.to_latex(report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC))
+    assert "ddagger" not in clean
 
 
 def test_main_table_keeps_only_runs_with_metrics(tmp_path):
@@ -255,6 +268,47 @@ def test_figures_pdf_png_and_provenance(tmp_path):
     assert {i["path"] for i in qual["inputs"]} >= {str(p) for p in captions} | {str(splits)}
     curves = json.loads((figs / "training_curves.provenance.json").read_text())
     assert [i["run"] for i in curves["inputs"]] == MAIN_RUNS
+
+
+def test_scatter_labels_avoid_each_other_and_the_markers():
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(3.5, 3.0))
+    points = [(1.0, 1.0, "XE (+2)"), (1.1, 1.02, "SCST (CIDEr)"), (1.05, 0.98, "DiCO"), (2.0, 2.0, "SCST (PAC-S)"),
+              (1.5, 1.5, "DiCO ($\\beta$=1)")]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.margins(0.2)
+    fig.canvas.draw()
+    report._place_labels(ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == [p[2] for p in points]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    centres = ax.transData.transform([p[:2] for p in points])
+    assert not any(box.contains(*c) for box in boxes for c in centres)
+    assert all(ax.bbox.contains(b.x0, b.y0) and ax.bbox.contains(b.x1, b.y1) for b in boxes)
+    plt.close(fig)
+
+
+def test_tradeoff_figure_names_runs_that_share_a_point(tmp_path):
+    paths = main_metrics(tmp_path)
+    paths[2] = write_metrics(tmp_path, "scst_clip_s", CIDEr=1.000, PAC_S=0.801)  # XE's scores
+    metrics = report.load_metrics(paths)
+    plt = report._pyplot()
+    seen = {}
+    real_save = report.save_figure
+
+    def keep_texts(fig, *args, **kwargs):
+        seen["texts"] = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+        return real_save(fig, *args, **kwargs)
+
+    report.save_figure = keep_texts
+    try:
+        report.figure_tradeoff(metrics, tmp_path / "tradeoff.pdf", SPEC)
+    finally:
+        report.save_figure = real_save
+    assert seen["texts"].count("XE (+1)") == 2 and "SCST (CLIP-S)" not in seen["texts"]
+    assert "XE (+1): also SCST (CLIP-S), same scores" in seen["texts"]
+    assert plt.get_fignums() == []
 
 
 def test_ablations_figure_without_ablations(tmp_path):

@@ -14,11 +14,10 @@ import torch
 import yaml
 
 from dico import cli
-from dico.data import load_split, normalise_karpathy
-from dico.demo import make_demo_data
+from dico.data import load_split
 from dico.evaluate import embed_images, load_captions, load_references, score, skipped_rows
-from dico.evaluator import build_tiny_clip, load_evaluator, save_evaluator, tiny_clip_config
 from dico.features import cache_features
+from worlds import tiny_world
 
 CONFIG = {
     "seed": 0, "device": "cpu",
@@ -51,12 +50,7 @@ def world(tmp_path_factory):
     from dico.train import train_xe
 
     root = tmp_path_factory.mktemp("robust")
-    karpathy = make_demo_data(root / "demo", n_train=24, n_val=6, n_test=6, image_size=32, seed=2)
-    normalise_karpathy(karpathy, root / "demo" / "images", root / "splits.json")
-    cfg = tiny_clip_config(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=1,
-                           text_width=64, text_layers=1, context_length=32)
-    save_evaluator(build_tiny_clip(cfg, seed=0), root / "clip.pt")
-    ev = load_evaluator(root / "clip.pt")
+    ev = tiny_world(root, n_train=24, n_val=6, n_test=6, seed=2)
     for split in ("train", "val", "test"):
         cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
                        root / "features" / split, shard_size=8, batch_size=8, log=lambda *a: None)

@@ -6,27 +6,19 @@ import torch
 
 from dico import config as C
 from dico import runtime
-from dico.data import load_split, normalise_karpathy
-from dico.demo import make_demo_data
+from dico.data import load_split
 from dico.evaluate import embed_images
-from dico.evaluator import Evaluator, build_tiny_clip, save_evaluator, tiny_clip_config
 from dico.features import FeatureStore, cache_features
 from dico.train import CaptionBatches, load_captioner, train_finetune, train_xe
 from dico.tokenizer import CaptionTokenizer
+from worlds import tiny_world
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """60/12/12 demo images, a random tiny CLIP as backbone and reward model, cached features."""
     root = tmp_path_factory.mktemp("world")
-    karpathy = make_demo_data(root / "demo", n_train=60, n_val=12, n_test=12, image_size=32, seed=5)
-    normalise_karpathy(karpathy, root / "demo" / "images", root / "splits.json")
-    cfg = tiny_clip_config(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=1,
-                           text_width=64, text_layers=1, context_length=32)
-    save_evaluator(build_tiny_clip(cfg, seed=0), root / "clip.pt")
-    from dico.evaluator import load_evaluator
-
-    ev = load_evaluator(root / "clip.pt")
+    ev = tiny_world(root, n_train=60, n_val=12, n_test=12, seed=5)
     feats, embs = {}, {}
     for split in ("train", "val"):
         records = load_split(root / "splits.json", split)
