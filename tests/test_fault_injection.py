@@ -238,15 +238,16 @@ def test_skipped_images_are_still_reported_after_a_resume(world, tmp_path):
     records[3] = type(records[3])(records[3].image_id, broken, records[3].captions)  # in shard 0
     ev = load_evaluator(world / "clip.pt")
     out = tmp_path / "features"
-    real, calls = F._compute, {"n": 0}
+    real = F._compute
 
-    def dies_on_third_shard(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # stands in for the kill
-        return real(*args, **kwargs)
+    def dies_after_two_shards(*args, **kwargs):  # _compute yields each shard once it is on disk
+        shards = real(*args, **kwargs)
+        for _ in range(2):
+            yield next(shards)
+        shards.close()  # the loader and the third shard's temporary go, as in a kill
+        raise KeyboardInterrupt  # stands in for the kill
 
-    F._compute = dies_on_third_shard
+    F._compute = dies_after_two_shards
     try:
         with pytest.raises(KeyboardInterrupt):
             cache_features(ev, "clip", world / "clip.pt", records, "train", out, shard_size=8, batch_size=8,
