@@ -55,6 +55,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo root on sys.path)
+from dico.io import write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTIONS = ("vit", "features", "xe", "beam", "dico")
@@ -524,9 +525,7 @@ def record(path: Path, header: str, lines: list[str], seconds: float) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     text = text.rstrip("\n") + "\n\n" + "\n".join(
         [f"### GPU run: {header}", "", f"`python bench/gpu.py` ({seconds / 60:.1f} min):", "", "```", *lines, "```"]) + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ gain. A full run (no --quick, no --only) replaces its block in bench/RESULTS.md 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import sys
@@ -26,40 +27,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # cache_features' progress bar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo root on sys.path)
+from dico.io import write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- bench/run.py: begin (generated; edited by hand at your own risk) -->", "<!-- bench/run.py: end -->"
 LINE = re.compile(r"^[a-z_0-9]+: .+ \d+(\.\d+)?x$")
 
 
-def _cider(quick):
-    from cider_bench import bench_cider
-    return [bench_cider(quick)]
-
-
-def _cider_reward(quick):
-    from cider_bench import bench_cider_reward
-    return [bench_cider_reward(quick)]
-
-
-def _beam(quick):
-    from decode_bench import bench_beam
-    return [bench_beam(quick)]
-
-
-def _features(quick):
-    from features_bench import bench_features
-    return [bench_features(quick)]
-
-
-def _jpeg_draft(quick):
-    from features_bench import bench_jpeg_draft
-    return [bench_jpeg_draft(quick)]
-
-
-def _dico_step(quick):
-    from step_bench import bench_dico_step
-    return [bench_dico_step(quick)]
+def _lazy(module: str, name: str):
+    """bench function `module.name`, imported only when run (the modules import torch, open_clip ...);
+    its result as a list of lines."""
+    def run(quick):
+        out = getattr(importlib.import_module(module), name)(quick)
+        return out if isinstance(out, list) else [out]
+    return run
 
 
 def _scaling_cider(quick):
@@ -72,25 +53,12 @@ def _scaling_cider(quick):
     return lines
 
 
-def _scaling_beam(quick):
-    from decode_bench import scaling_beam
-    return scaling_beam(quick)
-
-
-def _scaling_features(quick):
-    from features_bench import scaling_features
-    return scaling_features(quick)
-
-
-def _scaling_dico_step(quick):
-    from step_bench import scaling_dico_step
-    return scaling_dico_step(quick)
-
-
-MAIN = {"cider": _cider, "cider_reward": _cider_reward, "beam": _beam, "features": _features,
-        "jpeg_draft": _jpeg_draft, "dico_step": _dico_step}
-SCALING = {"scaling_cider": _scaling_cider, "scaling_beam": _scaling_beam, "scaling_features": _scaling_features,
-           "scaling_dico_step": _scaling_dico_step}
+MAIN = {"cider": _lazy("cider_bench", "bench_cider"), "cider_reward": _lazy("cider_bench", "bench_cider_reward"),
+        "beam": _lazy("decode_bench", "bench_beam"), "features": _lazy("features_bench", "bench_features"),
+        "jpeg_draft": _lazy("features_bench", "bench_jpeg_draft"), "dico_step": _lazy("step_bench", "bench_dico_step")}
+SCALING = {"scaling_cider": _scaling_cider, "scaling_beam": _lazy("decode_bench", "scaling_beam"),
+           "scaling_features": _lazy("features_bench", "scaling_features"),
+           "scaling_dico_step": _lazy("step_bench", "scaling_dico_step")}
 ALL = {**MAIN, **SCALING}
 
 
@@ -104,9 +72,7 @@ def record(lines: list[str], header: str, quick: bool, seconds: float) -> None:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(RESULTS)
+    write_text(RESULTS, text)
 
 
 def main(argv=None) -> int:

@@ -101,8 +101,9 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
         path = out_dir / f"shard_{s:05d}.npy"
         shards.append({"file": path.name, "start": lo, "count": hi - lo})
         done = progress["done"].get(path.name)
-        if done is not None and _shard_ok(path, hi - lo, shape, dtype):
-            shape = shape or np.load(path, mmap_mode="r").shape[1:]
+        found = _complete_shard_shape(path, hi - lo, shape, dtype) if done is not None else None
+        if found is not None:
+            shape = found
             skipped += done["skipped"]
             done_before += hi - lo
         else:
@@ -148,14 +149,16 @@ def _read_progress(path: Path) -> dict:
     return progress
 
 
-def _shard_ok(path: Path, count: int, shape=None, dtype: str | None = None) -> bool:
-    """Whether `path` is a complete .npy of `count` rows (and of the other shards' shape and dtype)."""
+def _complete_shard_shape(path: Path, count: int, shape=None, dtype: str | None = None) -> tuple | None:
+    """The per-image shape (T, D) of `path` if it is a complete .npy of `count` rows (and of the other
+    shards' shape and dtype); None if it is missing, truncated or different."""
     try:
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError, EOFError):  # missing, truncated, not an .npy
-        return False
-    return (arr.ndim == 3 and arr.shape[0] == count and (shape is None or tuple(arr.shape[1:]) == tuple(shape))
-            and (dtype is None or arr.dtype == np.dtype(dtype)))
+        return None
+    ok = (arr.ndim == 3 and arr.shape[0] == count and (shape is None or tuple(arr.shape[1:]) == tuple(shape))
+          and (dtype is None or arr.dtype == np.dtype(dtype)))
+    return tuple(arr.shape[1:]) if ok else None
 
 
 class _ShardBatches(torch.utils.data.Sampler):
