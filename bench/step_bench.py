@@ -2,7 +2,7 @@
 
 The step (dico/train.py, `train_finetune.step`) with the same library calls:
   gen      - beam_search(policy, policy.encode(feats), k, max_len) under no_grad, policy in eval mode;
-  reward   - tok.decode_batch of the B*k candidates, then ClipReward (a tiny random open_clip CLIP as
+  reward   - ClipReward on the B*k candidates' ids (a tiny random open_clip CLIP as
              the evaluator: text tower 2 layers x 64, 77 tokens; cached random image embeddings);
   logprob  - sequence_logprobs(policy, policy.encode(feats), cands, repeats=k) with gradient (train
              mode, dropout on) and the same for the frozen reference (eval, no_grad);
@@ -54,7 +54,7 @@ class DicoStep:
         evaluator = evaluator or tiny_evaluator()
         evaluator.to(device)
         embs = torch.nn.functional.normalize(torch.randn(n_train, evaluator.embed_dim, generator=g), dim=-1)
-        self.reward_fn = ClipReward(evaluator, embs.to(device), w=2.0)
+        self.reward_fn = ClipReward(evaluator, embs.to(device), w=2.0, tokenizer=self.tok)
         self.order = torch.randperm(n_train, generator=g)
         self.pos = 0
         self.mean_len = None
@@ -87,8 +87,7 @@ class DicoStep:
         times["gen"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        texts = self.tok.decode_batch(cands)
-        rewards = self.reward_fn(texts, idx.repeat_interleave(k)).to(dev).view(B, k)
+        rewards = self.reward_fn(cands, idx.repeat_interleave(k)).to(dev).view(B, k)
         self.sync()
         times["reward"] = time.perf_counter() - t
 

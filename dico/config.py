@@ -180,8 +180,9 @@ def run_spec(config: dict, run: str) -> dict:
 
 
 def _selection_metrics(config: dict) -> dict:
-    """What fine-tuning validation needs to compute CLIP-S/PAC-S the way `evaluate` does."""
-    return {"clip_s": config["evaluate"]["clip_s"], "pac_s": config["evaluate"]["pac_s"]}
+    """What fine-tuning validation needs: the CLIP-S/PAC-S scorers (models, w, prefix of `evaluate`),
+    the form it computes them in and whether the start model may be selected (config `selection`)."""
+    return {"clip_s": config["evaluate"]["clip_s"], "pac_s": config["evaluate"]["pac_s"], **config["selection"]}
 
 
 def _with_clip_models(config: dict, spec: dict) -> dict:

@@ -144,10 +144,13 @@ class Evaluator:
         return _l2(out, self.embed_dim, self.device)
 
     @torch.no_grad()
-    def embed_tokens(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """CLIP token ids [N, context_length] -> [N,D] L2-normalised (fp32)."""
-        out = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
-               for i in range(0, len(tokens), batch_size)]
+    def embed_tokens(self, tokens: torch.Tensor, batch_size: int = 256, precision: str = "none") -> torch.Tensor:
+        """CLIP token ids [N, context_length] -> [N,D] L2-normalised (fp32). `precision="fp16"` runs the
+        text tower under fp16 autocast on a GPU (the official training reward's precision)."""
+        half = precision == "fp16" and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+            out = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
+                   for i in range(0, len(tokens), batch_size)]
         return _l2(out, self.embed_dim, self.device)
 
     def embed_texts(self, texts: Sequence[str], prefix: str = "", batch_size: int = 256) -> torch.Tensor:
@@ -560,3 +563,25 @@ def score_captions(evaluator: Evaluator, pixels_or_image_embs: torch.Tensor, can
         out["ref_score"] = scores["ref_score"].mean().item()
         out["ref_score_per_caption"] = scores["ref_score"].tolist()
     return out
+
+
+def score_captions_validation_form(evaluator: Evaluator, image_embs: torch.Tensor, candidates: list[str],
+                                   refs: list[list[str]], *, w: float, batch_size: int = 256) -> dict:
+    """CLIP-S / PAC-S and their Ref-variants as the official trainer computes them to select a
+    checkpoint (official utils.py `clip_score_from_predictions` -> `compute_clip_score(ref=True)`):
+    no text prefix, the candidate cosine NOT clamped, the best reference cosine clamped at 0,
+
+        s = w * cos(I, c),   t = max(max_r cos(c, r), 0),   Ref = 2 s t / (s + t)
+
+    (0 where s + t = 0). Unlike `score_captions` (the reported metrics' form) s may be negative."""
+    img = F.normalize(image_embs.float(), dim=-1)
+    if not (len(img) == len(candidates) == len(refs)):
+        raise ValueError(f"{len(img)} images, {len(candidates)} candidates and {len(refs)} reference lists")
+    cand = evaluator.embed_texts(candidates, "", batch_size)
+    flat = evaluator.embed_texts([r for rs in refs for r in rs], "", batch_size)
+    t = max_ref_cosine(cand, list(flat.split([len(rs) for rs in refs]))).clamp(min=0)
+    s = w * (img.to(cand.device) * cand).sum(-1)
+    denom = s + t
+    ref = torch.where(denom != 0, 2 * s * t / torch.where(denom != 0, denom, 1), 0.0)
+    return {"score": s.mean().item(), "ref_score": ref.mean().item(),
+            "score_per_caption": s.tolist(), "ref_score_per_caption": ref.tolist()}

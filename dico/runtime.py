@@ -41,13 +41,88 @@ def configure(seed: int, deterministic: bool, threads: int | None = None) -> Non
         torch.backends.cudnn.benchmark = False
 
 
-def autocast(device: str, amp: str):
-    """bf16/fp16 autocast on GPU; a no-op on CPU (where it would only slow the small models down)."""
-    if not device.startswith("cuda") or amp == "none":
-        return contextlib.nullcontext()
+def resolve_amp(device: str, amp: str) -> str:
+    """The precision `train.amp` means on `device`: "fp16", "bf16" or "none". CPU always runs fp32
+    (autocast there only slows the small models down); `auto` = bf16 where the GPU supports it."""
+    if not str(device).startswith("cuda") or amp == "none":
+        return "none"
     if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
+
+
+def autocast(device: str, amp: str):
+    """fp16/bf16 autocast on GPU per `resolve_amp`; a no-op on CPU."""
+    amp = resolve_amp(device, amp)
+    if amp == "none":
+        return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling with the rules of DeepSpeed's dynamic loss scaler, which the official runs use
+    (configs/config_adam_zero2.json: fp16 with initial_scale_power 16, loss_scale_window 1000,
+    hysteresis 2, min_loss_scale 1).
+
+    The loss is multiplied by `scale` before backward; the gradients are divided by it before the
+    optimiser step. If any gradient is inf/NaN (an overflow), the step is skipped and the scale
+    handled like DeepSpeed does:
+      - overflow with hysteresis left > 1: spend one unit of hysteresis, keep the scale;
+      - overflow otherwise: scale = max(scale / 2, min_scale);
+      - no overflow: every `window` iterations since the last overflow, scale *= 2 and the
+        hysteresis is refilled.
+    With hysteresis 1 and no minimum this is exactly torch.amp.GradScaler(init_scale, growth
+    factor 2, backoff 0.5, growth_interval=window), which the tests use as the reference. Disabled
+    (scale 1, never skips) unless the step runs in fp16 on a GPU: bf16 and fp32 need no scaling.
+    """
+
+    def __init__(self, enabled: bool, initial: float = 2.0 ** 16, window: int = 1000, hysteresis: int = 2,
+                 min_scale: float = 1.0):
+        self.enabled, self.window, self.hysteresis, self.min_scale = enabled, window, hysteresis, min_scale
+        self.scale = float(initial) if enabled else 1.0
+        self.hysteresis_left = hysteresis
+        self.iteration, self.last_overflow = 0, -1
+        self.skipped = 0
+
+    @classmethod
+    def from_config(cls, device: str, train_cfg: dict) -> "DynamicLossScaler":
+        ls = train_cfg["loss_scale"]
+        return cls(resolve_amp(device, train_cfg["amp"]) == "fp16", initial=ls["initial"], window=ls["window"],
+                   hysteresis=ls["hysteresis"], min_scale=ls["min"])
+
+    def unscale_(self, params) -> bool:
+        """Divide every gradient by the scale; True if they are all finite (the step may go ahead).
+        Call after the gradients are summed over ranks, so every rank takes the same decision."""
+        if not self.enabled:
+            return True
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        return bool(finite)
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.skipped += 1
+            if self.hysteresis_left > 1:
+                self.hysteresis_left -= 1
+            else:
+                self.scale = max(self.scale / 2.0, self.min_scale)
+            self.last_overflow = self.iteration
+        elif (self.iteration - self.last_overflow) % self.window == 0:
+            self.hysteresis_left = self.hysteresis
+            self.scale *= 2.0
+        self.iteration += 1
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "hysteresis_left", "iteration", "last_overflow", "skipped")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def adam(params, lr: float, device: str) -> torch.optim.Adam:
@@ -175,8 +250,18 @@ class WorkDir:
 
 
 # -- multi-GPU (torchrun) ---------------------------------------------------------------------------
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every worker, even with --nproc_per_node=1."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
 class Dist:
-    """Rank and world size of a `torchrun` launch; world 1 (no process group) otherwise.
+    """Rank and world size of a `torchrun` launch; one process without a process group otherwise.
+
+    Launched by torchrun, the process joins a process group even when it is alone
+    (`--nproc_per_node=1`), so one GPU exercises every collective of the multi-GPU path. The group is
+    NCCL on GPUs, gloo on CPU. NCCL only reduces CUDA tensors, so every tensor collective here is made
+    on `self.device` (the rank's device), never on the default device.
 
     Batches are GLOBAL: every rank draws the same global batch from the shared-seed sampler and takes
     its own contiguous share, losses are normalised by global counts and gradients are summed across
@@ -187,26 +272,31 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cpu")
+        self.group = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """True when collectives run (a process group was joined), whatever the world size."""
+        return self.group
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def setup(self, device: str) -> str:
-        """Join the process group (NCCL on GPUs, gloo on CPU) and return this rank's device."""
-        if not self.enabled:
-            return device
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
+        """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU) and return this
+        rank's device."""
+        if device.startswith("cuda") and (self.world > 1 or launched_by_torchrun()):
             torch.cuda.set_device(self.local_rank)
             device = f"cuda:{self.local_rank}"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        self.device = torch.device(device)
+        if self.world > 1 or launched_by_torchrun():
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            self.group = True
         return device
 
     def share(self, n: int, what: str = "batch") -> slice:
@@ -230,17 +320,23 @@ class Dist:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def any(self, flag: bool) -> bool:
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a few numbers, in one all-reduce on this rank's device."""
         if not self.enabled:
-            return flag
+            return list(values)
         import torch.distributed as dist
 
-        t = torch.tensor([int(flag)])
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return bool(t.item())
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (e.g. one rank received SIGTERM)."""
+        return self.sum([float(flag)])[0] > 0
 
     def gather(self, obj):
-        """Every rank's `obj` on every rank (a list indexed by rank)."""
+        """Every rank's `obj` on every rank (a list indexed by rank). Under NCCL the pickled objects
+        travel as tensors of the current CUDA device, which `setup` selected."""
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
@@ -253,4 +349,7 @@ class Dist:
         if self.enabled:
             import torch.distributed as dist
 
-            dist.barrier()
+            if self.device.type == "cuda":  # NCCL's barrier needs the device it should sync on
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()

@@ -13,6 +13,7 @@ and, for DiCO, under the frozen XE model (eval mode, no_grad) -> loss -> Adam at
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -95,12 +96,20 @@ def aligned_store(index_json, records: list[ImageRecord], split: str) -> Feature
 
 
 # -- generation and validation -------------------------------------------------------------------
+def decode_beams(model: Captioner, memory, decoding: dict):
+    """Beam search with the config's decoding settings (style, beams, length, length penalty)."""
+    return beam_search(model, memory, beam_size=decoding["beam_size"], max_len=decoding["max_len"],
+                       style=decoding["style"], length_penalty=decoding["length_penalty"])
+
+
 @torch.no_grad()
 def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureStore, indices, *,
                       beam_size: int, max_len: int, batch_size: int, device: str, amp: str = "none",
-                      progress: bool = False) -> list[str]:
+                      style: str = "hf", length_penalty: float = 1.0, progress: bool = False) -> list[str]:
+    """The best beam of each image, decoded (eval mode: test decoding never uses dropout)."""
     from tqdm import tqdm
 
+    decoding = {"beam_size": beam_size, "max_len": max_len, "style": style, "length_penalty": length_penalty}
     indices = list(indices)
     was_training = model.training
     model.eval()
@@ -109,7 +118,7 @@ def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureSto
     for lo in tqdm(batches, desc="beam search", unit="batch", disable=not progress, mininterval=2.0):
         feats = store[indices[lo:lo + batch_size]].to(device)
         with runtime.autocast(device, amp):
-            tokens, _ = beam_search(model, model.encode(feats), beam_size=beam_size, max_len=max_len)
+            tokens, _ = decode_beams(model, model.encode(feats), decoding)
         out += tok.decode_batch(tokens[:, 0])
     model.train(was_training)
     return out
@@ -118,7 +127,15 @@ def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureSto
 class Validator:
     """Captions the first `val_images` val images and scores them: CIDEr-D (our exact
     implementation over lightly tokenised captions; `evaluate` uses the Java PTB tokenizer), and for
-    fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in their metric form."""
+    fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in the form `selection.form` names:
+
+    - "validation" (default, the official trainer's checkpoint selection: official utils.py
+      `clip_score_from_predictions` -> `compute_clip_score(ref=True)`): no text prefix, the candidate
+      cosine NOT clamped, the best reference cosine clamped at 0: s = w*cos(I, c),
+      t = max(max_r cos(c, r), 0), Ref = 2st/(s+t);
+    - "metric": the reported metrics' form (evaluate.clip_s / evaluate.pac_s: prefix
+      "A photo depicts ", s = w*max(cos, 0), t unclamped), as `evaluate` computes them.
+    """
 
     def __init__(self, store: FeatureStore, records: list[ImageRecord], spec: dict, device: str,
                  scorers: dict | None = None):
@@ -133,32 +150,75 @@ class Validator:
         dec = self.spec["decoding"]
         caps = generate_captions(model, tok, self.store, self.indices, beam_size=dec["beam_size"],
                                  max_len=dec["max_len"], batch_size=dec["batch_size"], device=self.device,
-                                 amp=self.spec["train"]["amp"])
+                                 amp=self.spec["train"]["amp"], style=dec["style"],
+                                 length_penalty=dec["length_penalty"])
         cider, _ = cider_d(self.gts, {i: [simple_tokenize(c)] for i, c in enumerate(caps)})
         metrics = {"CIDEr": cider}
-        from .evaluator import score_captions
+        from .evaluator import score_captions, score_captions_validation_form
 
+        form = self.spec.get("selection", {}).get("form", "metric")
         refs = [list(r.captions) for r in self.records]
         for name, (evaluator, embs, w, prefix) in self.scorers.items():
-            s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
+            if form == "validation":
+                s = score_captions_validation_form(evaluator, embs[self.indices], caps, refs, w=w)
+            else:
+                s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
             metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
         metrics["example"] = caps[0]
         return metrics
 
 
+def optimizer_step(params, opt, scaler: runtime.DynamicLossScaler, max_grad_norm, dist: runtime.Dist,
+                   sched=None) -> dict:
+    """Sum the gradients over ranks, unscale them, clip them if `train.max_grad_norm` is set (the
+    official runs do not clip: null), and step the optimiser unless fp16 overflowed (then the step
+    and the scheduler step are skipped and the loss scale updated, as DeepSpeed does)."""
+    params = [p for p in params if p.grad is not None]
+    dist.sum_gradients(params)
+    finite = scaler.unscale_(params)
+    grads = [p.grad for p in params]
+    if max_grad_norm is not None and finite:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+    if finite:
+        opt.step()
+        if sched is not None:
+            sched.step()
+    scaler.update(finite)
+    opt.zero_grad(set_to_none=True)
+    return {"grad_norm": float(grad_norm) if finite else None, "loss_scale": scaler.scale, "skipped": int(not finite)}
+
+
 # -- the shared loop -----------------------------------------------------------------------------
 class _Loop:
-    """Step counting, validation, checkpoints, logging and resume for one run."""
+    """Step counting, validation, checkpoint selection, logging and resume for one run.
+
+    Selection follows the official trainer (HF Trainer `evaluation_strategy steps`,
+    `metric_for_best_model`, `load_best_model_at_end`): the model is validated every `val_every`
+    steps and the best value of `select_by` (strictly greater wins, so the earliest of equal values
+    stays) picks the checkpoint; a last step that is not a multiple of `val_every` is not validated.
+    A fine-tuning run also validates its starting point (step 0) for the log and the curves; it is a
+    candidate only with `selection.include_start: true` (the official code never evaluates step 0,
+    so a fine-tuned row cannot be the start model in disguise). `patience` (opt-in) stops a run after
+    that many validations without improvement.
+    """
 
     def __init__(self, spec: dict, method_cfg: dict, work_dir, log, model, optimizer, sampler,
-                 store: FeatureStore, tok: CaptionTokenizer, validator: Validator, scheduler=None,
-                 dist: runtime.Dist | None = None):
+                 store: FeatureStore, tok: CaptionTokenizer, validator: Validator, scaler, scheduler=None,
+                 dist: runtime.Dist | None = None, validate_start: bool = False):
         self.spec, self.cfg, self.log = spec, method_cfg, log
         self.dist = dist or runtime.Dist()
         self.work = runtime.WorkDir(work_dir)
         self.model, self.opt, self.sampler, self.sched = model, optimizer, sampler, scheduler
-        self.store, self.tok, self.validator = store, tok, validator
-        self.step, self.best, self.rows = 0, None, []
+        self.store, self.tok, self.validator, self.scaler = store, tok, validator, scaler
+        self.validate_start = validate_start
+        self.include_start = validate_start and spec.get("selection", {}).get("include_start", False)
+        self.step, self.best, self.rows, self.since_best = 0, None, [], 0
+        if self.cfg["steps"] < self.cfg["val_every"] and not self.include_start:
+            raise ValueError(f"{spec['run']}: steps {self.cfg['steps']} < val_every {self.cfg['val_every']}: the "
+                             "run would never be validated, so no checkpoint could be selected; lower "
+                             f"{spec['method']}.val_every or raise {spec['method']}.steps")
         self.stop = runtime.StopFlag()
         self._resume()
 
@@ -173,6 +233,7 @@ class _Loop:
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None:
             self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["loss_scaler"])
         self.sampler.load_state_dict(state["sampler"])
         rngs = state["rng"]  # one RNG state per rank (dropout differs between ranks)
         if len(rngs) != self.dist.world:
@@ -180,6 +241,7 @@ class _Loop:
                              f"{self.dist.world}; resume with the same number of GPUs or delete it")
         runtime.set_rng_state(rngs[self.dist.rank])
         self.step, self.best, self.rows = state["step"], state["best"], state["rows"]
+        self.since_best = state["since_best"]
         self.log(f"resumed from step {self.step} ({self.work.last})")
 
     def _checkpoint(self):
@@ -188,12 +250,13 @@ class _Loop:
             self.work.save_last({"spec": self.spec, "step": self.step, "model": self.model.state_dict(),
                                  "optimizer": self.opt.state_dict(),
                                  "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                                 "loss_scaler": self.scaler.state_dict(),
                                  "sampler": self.sampler.state_dict(), "rng": rngs,
-                                 "best": self.best, "rows": self.rows})
+                                 "best": self.best, "rows": self.rows, "since_best": self.since_best})
             self.work.write_log(self.rows)
         self.dist.barrier()
 
-    def _validate(self):
+    def _validate(self, candidate: bool = True):
         """On the main process only (the others wait at the next checkpoint's barrier)."""
         if not self.dist.main:
             return
@@ -202,24 +265,45 @@ class _Loop:
         key = self.cfg["select_by"]
         if key not in metrics:
             raise KeyError(f"select_by {key!r} is not a validation metric (have: {', '.join(metrics)})")
-        improved = self.best is None or metrics[key] > self.best["value"]
+        improved = candidate and (self.best is None or metrics[key] > self.best["value"])
         if improved:
             self.best = {"step": self.step, "value": metrics[key], "metric": key}
+            self.since_best = 0
             self.work.save_best(captioner_payload(self.model, self.tok, self.store, self.spec, self.step, metrics))
-        row = {"step": self.step, "phase": "val", **metrics, "best": improved, "val_s": round(time.time() - t0, 2)}
+        elif candidate:
+            self.since_best += 1
+        row = {"step": self.step, "phase": "val", **metrics, "best": improved, "candidate": candidate,
+               "val_s": round(time.time() - t0, 2)}
         self.rows.append(row)
+        note = " (best)" if improved else "" if candidate else " (start: logged, not a selection candidate)"
         self.log(f"step {self.step}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                       if isinstance(v, float)) + (" (best)" if improved else ""))
+                                                       if isinstance(v, float)) + note)
 
-    def run(self, step_fn, out_model, out_log):
+    def _patience_exhausted(self) -> bool:
+        patience = self.cfg.get("patience")
+        stop = bool(patience) and self.since_best >= patience
+        return self.dist.any(stop)  # rank 0 decides (it validates); every rank must leave together
+
+    def _log_row(self, stats: dict, sum_keys, seconds: float) -> None:
+        """One training-log row with statistics reduced over ranks: keys in `sum_keys` are each rank's
+        share of a global quantity (summed), the other numbers per-rank means (averaged)."""
+        keys = [k for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k not in ("loss_scale", "skipped", "lr")]  # these three are the same on every rank
+        reduced = self.dist.sum([float(stats[k]) for k in keys] + [seconds])
+        world = self.dist.world
+        row = {"step": self.step, "phase": "train", "step_s": round(reduced[-1] / world, 4), **stats}
+        row.update({k: round(v if k in sum_keys else v / world, 6) for k, v in zip(keys, reduced)})
+        self.rows.append(row)
+
+    def run(self, step_fn, out_model, out_log, sum_keys=()):
         """Call `step_fn()` -> dict of logged numbers until cfg['steps']; validate every val_every."""
         from tqdm import tqdm
 
         total, every = self.cfg["steps"], self.cfg["val_every"]
         log_every = self.spec["train"]["log_every"]
-        if self.step == 0 and self.cfg.get("validate_first"):
+        if self.step == 0 and self.validate_start:
             self.model.eval()
-            self._validate()  # the starting point: a fine-tuned model must beat it to be selected
+            self._validate(candidate=self.include_start)  # the starting point, for the log and curves
         self.model.train()
         bar = tqdm(total=total, initial=self.step, desc=self.spec["run"], unit="step", mininterval=2.0,
                    disable=not self.dist.main)
@@ -229,13 +313,18 @@ class _Loop:
             self.step += 1
             bar.update()
             if self.step % log_every == 0 or self.step == total:
-                self.rows.append({"step": self.step, "phase": "train", "step_s": round(time.time() - t0, 4), **stats})
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            if self.step % every == 0 or self.step == total:
+                self._log_row(stats, sum_keys, time.time() - t0)
+                bar.set_postfix(loss=f"{self.rows[-1]['loss']:.4f}")
+            if self.step % every == 0:
                 self.model.eval()
                 self._validate()
                 self.model.train()
                 self._checkpoint()
+                if self._patience_exhausted():
+                    self.log(f"early stop at step {self.step}: {self.cfg['select_by']} has not improved in "
+                             f"{self.cfg['patience']} validations (patience)")
+                    self.rows.append({"step": self.step, "phase": "early_stop", "patience": self.cfg["patience"]})
+                    break
             if self.dist.any(self.stop.requested):
                 self._checkpoint()
                 bar.close()
@@ -243,7 +332,7 @@ class _Loop:
         bar.close()
         if self.dist.main:
             if self.best is None:
-                raise RuntimeError("training ended without a validation; check val_every and steps")
+                raise RuntimeError("training ended without a selection candidate; check val_every and steps")
             self._finish(out_model, out_log)
         self.dist.barrier()
 
@@ -335,11 +424,11 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     log(f"captioner: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     runtime.maybe_compile(model, spec["train"]["compile"], log)
     opt = runtime.adam(model.parameters(), cfg["lr"], device)
-    warmup = max(1, round(cfg["warmup_ratio"] * cfg["steps"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, constant_with_warmup(cfg["warmup_ratio"], cfg["steps"]))
+    scaler = runtime.DynamicLossScaler.from_config(device, spec["train"])
     loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
-                 Validator(val_store, val_records, spec, device), scheduler=sched, dist=dist)
-    amp, clip = spec["train"]["amp"], spec["train"]["max_grad_norm"]
+                 Validator(val_store, val_records, spec, device), scaler, scheduler=sched, dist=dist)
+    amp = spec["train"]["amp"]
 
     def step():
         total = 0.0
@@ -359,16 +448,21 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
                 local_tokens = int((caps[:, 1:] != tok.pad_id).sum())
                 loss = token_xe_loss(logits.float(), caps, tok.pad_id) * local_tokens / global_tokens
                 loss = loss / cfg["grad_accum"]
-            loss.backward()
-            total += loss.item()
-        dist.sum_gradients(model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        return {"loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)}
+            (loss * scaler.scale).backward()
+            total += loss.item()  # this rank's share of the global mean: the log sums it over ranks
+        lr = sched.get_last_lr()[0]  # the rate this step uses
+        return {"loss": total, "lr": lr,
+                **optimizer_step(model.parameters(), opt, scaler, spec["train"]["max_grad_norm"], dist, sched)}
 
-    loop.run(step, out_model, out_log)
+    loop.run(step, out_model, out_log, sum_keys=("loss",))
+
+
+def constant_with_warmup(warmup_ratio: float, steps: int):
+    """The official XE schedule (`--lr_scheduler_type constant_with_warmup --warmup_ratio 0.05`): HF's
+    warm-up of ceil(ratio * steps) steps, lr * step / warmup at step 0, 1, ... (so the first step
+    runs at lr 0), then the constant lr."""
+    warmup = math.ceil(warmup_ratio * steps)
+    return lambda s: s / max(1, warmup) if s < warmup else 1.0
 
 
 # -- fine-tuning: DiCO and SCST ------------------------------------------------------------------
@@ -382,7 +476,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     dist = dist or runtime.Dist()
 
     method = spec["method"]
-    cfg = {**spec[method], "validate_first": True}
+    cfg = spec[method]
     train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
     train_store = aligned_store(features["train"], train_records, "train")
     val_store = aligned_store(features["val"], val_records, "val")
@@ -392,23 +486,27 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if method == "dico" else None
     reward_fn = build_reward(spec["reward"], evaluators=evaluators,
                              image_embs={n: e["train"] for n, e in image_embs.items() if "train" in e},
-                             train_refs=[list(r.captions) for r in train_records])
+                             train_refs=[list(r.captions) for r in train_records], tokenizer=tok,
+                             max_len=spec["decoding"]["max_len"], precision=runtime.resolve_amp(device, spec["train"]["amp"]))
     sel = spec["selection"]
     scorers = {metric: (evaluators[sel[key]["model"]], image_embs[sel[key]["model"]]["val"],
                         sel[key]["w"], sel[key]["prefix"])
                for metric, key in (("CLIP-S", "clip_s"), ("PAC-S", "pac_s"))}
     validator = Validator(val_store, val_records, spec, device, scorers)
     log(f"{spec['run']}: {method} from {init_model} (XE step {payload['step']}), reward {spec['reward']}, "
-        f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}")
+        f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}, candidates in "
+        f"{cfg['generation_mode']} mode, {spec['decoding']['style']} beam search")
 
     torch.manual_seed(spec["seed"])
     runtime.maybe_compile(policy, spec["train"]["compile"], log)
     opt = runtime.adam(policy.parameters(), cfg["lr"], device)
+    scaler = runtime.DynamicLossScaler.from_config(device, spec["train"])
     usable = torch.tensor(usable_rows(train_store, train_records))  # no reward for an unreadable image
     sampler = runtime.EpochSampler(len(usable), spec["seed"])
-    loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, dist=dist)
-    k, max_len, amp = cfg["k"], spec["decoding"]["max_len"], spec["train"]["amp"]
-    gen_mode = cfg.get("generation_mode", "eval")
+    loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, scaler,
+                 dist=dist, validate_start=True)
+    k, amp = cfg["k"], spec["train"]["amp"]
+    decoding = {**spec["decoding"], "beam_size": k}  # the k candidates are the k final beams
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
@@ -417,9 +515,10 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
         idx = usable[sampler.next(cfg["batch_images"])]
         idx = idx[dist.share(len(idx), "batch_images")]
         feats = train_store[idx].to(device)
-        policy.train(gen_mode == "train")
+        # official: the HF Trainer keeps the policy in train() mode, so its beam search runs with dropout
+        policy.train(cfg["generation_mode"] == "train")
         with torch.no_grad(), runtime.autocast(device, amp):
-            beams, _ = beam_search(policy, policy.encode(feats), beam_size=k, max_len=max_len)
+            beams, _ = decode_beams(policy, policy.encode(feats), decoding)
         policy.train()
         B = len(idx)
         cands = beams.reshape(B * k, -1)
@@ -427,8 +526,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
         times["gen_s"] = time.time() - t
 
         t = time.time()
-        texts = tok.decode_batch(cands)
-        rewards = reward_fn(texts, idx.repeat_interleave(k)).to(device).view(B, k)
+        rewards = reward_fn(cands, idx.repeat_interleave(k)).to(device).view(B, k)
         times["reward_s"] = time.time() - t
 
         t = time.time()
@@ -446,16 +544,13 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
             loss = dico_loss(logps, ref_logps, rewards, beta=cfg["beta"], tau=cfg["tau"])
         else:
             loss = scst_loss(logps, rewards)
-        (loss / dist.world).backward()  # equal shares: the sum over ranks is the global mean
-        dist.sum_gradients(policy.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), spec["train"]["max_grad_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        (loss * (scaler.scale / dist.world)).backward()  # equal shares: the sum over ranks is the global mean
+        stepped = optimizer_step(policy.parameters(), opt, scaler, spec["train"]["max_grad_norm"], dist)
         sync()
         times["backward_s"] = time.time() - t
 
         stats = {"loss": loss.item(), "reward_mean": float(rewards.mean()),
-                 "reward_best": float(rewards.max(1).values.mean()), "grad_norm": float(grad_norm),
+                 "reward_best": float(rewards.max(1).values.mean()), **stepped,
                  "mean_len": float((cands != tok.pad_id).sum(1).float().mean() - 1),
                  **{key: round(v, 4) for key, v in times.items()}}
         if method == "dico":

@@ -9,7 +9,7 @@ def test_demo_config_validates_and_fills_defaults():
     cfg = C.load(DEMO)
     assert cfg["dico"]["beta"] == 0.2 and cfg["dico"]["tau"] == 300 and cfg["dico"]["k"] == 5
     assert cfg["evaluate"]["pac_s"] == {"model": "pac", "w": 2.0, "prefix": "A photo depicts "}
-    assert cfg["rewards"]["pac_s"] == {"type": "clip", "model": "pac", "w": 2.0, "prefix": "", "clamp": False}
+    assert cfg["rewards"]["pac_s"] == {"type": "clip", "model": "pac", "w": 2.0, "prefix": "", "clamp": False, "input": "ids"}
 
 
 def test_runs_and_ablation_points():

@@ -84,7 +84,7 @@ def _splits_with(world, tmp_path, split: str, index: int, file) -> str:
     ({"features": {"dtype": "float8"}}, "features.dtype: 'float8' is not allowed; choose one of 'float16', 'float32'"),
     ({"xe": {"steps": "ten"}}, "xe.steps: 'ten' is not of type 'integer'"),
     ({"dico": {"k": 1}}, "dico.k: 1 is less than the minimum of 2"),
-    ({"train": {"amp": "fp8"}}, "train.amp: 'fp8' is not allowed; choose one of 'auto', 'bf16', 'fp16', 'none'"),
+    ({"train": {"amp": "fp8"}}, "train.amp: 'fp8' is not allowed; choose one of 'fp16', 'bf16', 'none', 'auto'"),
     ({"evaluate": {"clip_s": {"model": "vit"}}}, "evaluate.clip_s.model: 'vit' is not a clip_models entry (have: clip)"),
     ({"clip_models": {"pac": {"source": "file"}}}, "clip_models.pac: source file needs a path"),
     ({"scst": {"rewards": ["bleu"]}}, "scst.rewards: 'bleu' is not a rewards entry (have: cider, clip_s, pac_s)"),
