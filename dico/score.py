@@ -567,10 +567,10 @@ def format_table(metrics: dict, reasons: dict, keys=TABLE) -> str:
 def per_caption_csv(result: dict) -> str:
     """One row per image: its id, the candidate, and every metric that has a per-image value."""
     per = result["per_caption"]
-    cols = [k for k in PER_CAPTION if k in per]
+    cols = [k for k in ("rating", *PER_CAPTION) if k in per]  # rating: --correlation's human judgement
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_id", "caption", *cols])
+    w.writerow(["image", "caption", *cols] if "rating" in per else ["image_id", "caption", *cols])
     for n, (i, c) in enumerate(zip(per["ids"], per["captions"])):
         w.writerow([i, c, *(repr(float(per[k][n])) for k in cols)])
     return buf.getvalue()
@@ -667,7 +667,7 @@ def correlation_files(path, *, images=None, metrics=None, clip=None, pac=None, c
     return {"tool": "dico score --correlation", "judgements": str(path), "images": str(images) if images else None,
             "n_judgements": len(judgements), "n_nan_skipped": nan, "correlation": taus,
             "reasons": {k: v for k, v in reasons.items() if k not in taus},
-            "per_caption": {"ids": list(range(len(judgements))), "captions": [j.caption for j in judgements],
+            "per_caption": {"ids": [j.image for j in judgements], "captions": [j.caption for j in judgements],
                             "rating": ratings, **per},
             "provenance": provenance(settings, seed=None, device=device, wall_time_s=time.time() - t0,
                                      inputs={"judgements": {"path": str(path), "sha256": _sha256(path)}})}

@@ -16,7 +16,7 @@ and `compute_metrics`, both through `postprocess_text`):
 so `postprocess_official` starts from our decoded text. tests/test_text.py checks it against a real
 transformers CLIPTokenizer and nltk.
 
-Two version traps, both checked in tests/test_text.py:
+Two traps, both checked in tests/test_text.py:
   - transformers 5 *ignores* `clean_up_tokenization_spaces=True` for BPE tokenizers unless
     `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True` is also set.
     A reference built on 5.x without that flag therefore does not reproduce 4.20.
@@ -26,6 +26,10 @@ Two version traps, both checked in tests/test_text.py:
     caption in which Punkt would find a sentence break, i.e. a period inside the caption
     followed by more words. Punkt would split "a dog. a cat" and drop that period. The word
     tokenizer alone splits only the final period, so "dog." stays one token and is kept.
+
+The official environment pins nltk 3.8.1 (official requirements.txt); we run 3.10.4, whose word
+tokenizer changed two quote rules. On 2,328 decoded captions (tests/test_text.py's set), 5 tokenise
+differently, all with a lone single quote next to a one-letter word ("the boys ' 2 dogs").
 """
 from __future__ import annotations
 

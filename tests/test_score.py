@@ -507,7 +507,7 @@ def test_correlation_equals_scipy_on_independently_computed_scores(world, tmp_pa
     path, data = _flickr8k_file(tmp_path)
     code, out, log = run_cli(caplog, capsys, "--correlation", path, "--images", tmp_path / "images",
                              "--metrics", "bleu,meteor,rouge,cider,pac-s,refpac-s", "--pac", world["clip"],
-                             "--out", tmp_path / "c.json")
+                             "--out", tmp_path / "c.json", "--per-caption", tmp_path / "c.csv")
     assert code == 0, log
     got = json.loads((tmp_path / "c.json").read_text())
     # the reference: entries as pacscore's Flickr8k dataset builds them, scored by pycocoevalcap and
@@ -527,6 +527,11 @@ def test_correlation_equals_scipy_on_independently_computed_scores(world, tmp_pa
             want = 100 * kendalltau(values, human, variant=variant)[0]
             assert got["correlation"][k][f"tau_{variant}"] == pytest.approx(want, abs=1e-6), (k, variant)
     assert "CIDEr" in out and "tau-b" in out and "35 judgements, 1 NaN ratings skipped" in out
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "c.csv").open()))
+    assert [float(r["rating"]) for r in rows] == human and rows[0]["image"].endswith(entries[0][0])
+    assert [float(r["CIDEr"]) for r in rows] == pytest.approx(per["CIDEr"], abs=1e-9)
 
 
 def test_correlation_file_errors(tmp_path, caplog, capsys):
