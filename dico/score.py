@@ -441,7 +441,7 @@ def parse_metrics(text: str | None) -> list[str] | None:
 
 def compute(captions: list[str], refs: list[list[str]], images: list[Path] | None, wanted: list[str] | None,
             scorers: dict, spice_jar_dir=None, device: str = "cpu", batch_size: int = 64,
-            reasons: dict | None = None) -> tuple[dict, dict, dict]:
+            workers: int = 0, reasons: dict | None = None) -> tuple[dict, dict, dict]:
     """(corpus, per_entry, reasons) over aligned lists. `scorers` maps 'clip-s'/'pac-s' to an
     Evaluator or to the reason it is missing. Every metric of `wanted` (None: all) that cannot run
     gets a reason; metrics not wanted get 'not requested'."""
@@ -471,7 +471,7 @@ def compute(captions: list[str], refs: list[list[str]], images: list[Path] | Non
             for m in want:
                 reasons[KEYS[m][0]] = f"not computed: {why}"
             continue
-        s = _clip_family(model, captions, refs, images, clip_settings()[name], device, batch_size)
+        s = _clip_family(model, captions, refs, images, clip_settings()[name], device, batch_size, workers)
         for m in want:
             part = "score" if m == name else "ref_score"
             corpus[KEYS[m][0]], per[KEYS[m][0]] = s[part], s[part + "_per_caption"]
@@ -482,22 +482,56 @@ def compute(captions: list[str], refs: list[list[str]], images: list[Path] | Non
     return corpus, per, reasons
 
 
-def _clip_family(model, captions, refs, images, settings, device, batch_size) -> dict:
+def _clip_family(model, captions, refs, images, settings, device, batch_size, workers=0) -> dict:
     """CLIP-S / PAC-S and their Ref- variants (dico.evaluator.score_captions), each distinct image embedded once."""
     import torch
 
-    from .evaluate import embed_images
     from .evaluator import score_captions
 
     unique = list(dict.fromkeys(images))
     row = {p: n for n, p in enumerate(unique)}
-    try:
-        embs = embed_images(model, unique, batch_size=batch_size, device=device, progress=len(unique) > 500)
-    except ValueError as e:  # load_image's "cannot be decoded" names the file
-        raise ScoreError(f"{e}. Replace the file, or remove its entry from the candidates") from None
-    index = torch.tensor([row[p] for p in images])
-    return score_captions(model, embs[index.to(embs.device)], captions, refs, w=settings["w"],
-                          prefix=settings["prefix"], batch_size=256)
+    embs = embed_paths(model, unique, batch_size, device, workers)
+    index = torch.tensor([row[p] for p in images], dtype=torch.long, device=embs.device)
+    return score_captions(model, embs[index], captions, refs, w=settings["w"], prefix=settings["prefix"],
+                          batch_size=256)
+
+
+class _Images:
+    """Decode + CLIP preprocessing of one image per item, in DataLoader workers. A file that will not
+    decode comes back as its error message, so the main process can name it (a worker's exception
+    would arrive wrapped in a traceback)."""
+
+    def __init__(self, paths, size, mean, std):
+        self.paths, self.size, self.mean, self.std = paths, size, mean, std
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from .data import load_image
+        from .evaluator import clip_preprocess
+
+        try:
+            return i, clip_preprocess(load_image(self.paths[i]), self.size, self.mean, self.std), None
+        except (OSError, ValueError) as e:
+            return i, None, str(e)
+
+
+def embed_paths(model, paths: list[Path], batch_size: int = 64, device: str = "cpu", workers: int = 0):
+    """L2-normalised image embeddings [N, D] of `model` (an Evaluator), batched on `device`; images are
+    decoded by `workers` processes (decoding, not the GPU, is the bottleneck of CLIP scoring)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Images(paths, model.image_size, model.mean, model.std), batch_size=batch_size,
+                        num_workers=workers, collate_fn=list, pin_memory=str(device).startswith("cuda"))
+    out = []
+    for batch in loader:
+        broken = [err for _, x, err in batch if err]
+        if broken:
+            raise ScoreError(f"{broken[0]}. Replace the file, or remove its entry from the candidates")
+        out.append(model.embed_images(torch.stack([x for _, x, _ in batch]).to(device), batch_size))
+    return torch.cat(out)
 
 
 def load_scorers(clip: str | None, pac: str | None, wanted: list[str] | None, device: str,
@@ -524,7 +558,8 @@ def _sha256(path) -> str:
 
 
 def score_files(captions, refs, *, split=None, images=None, metrics=None, clip=None, pac=None,
-                clip_arch=None, pac_arch=None, spice_jar_dir=None, device="cpu", batch_size=64) -> dict:
+                clip_arch=None, pac_arch=None, spice_jar_dir=None, device="cpu", batch_size=64,
+                workers=0) -> dict:
     """Everything `dico score` writes to --out (see the module docstring)."""
     from .io import provenance
 
@@ -534,7 +569,7 @@ def score_files(captions, refs, *, split=None, images=None, metrics=None, clip=N
     scorers = load_scorers(clip, pac, wanted, device, clip_arch, pac_arch)
     corpus, per, reasons = compute([e.caption for e in entries], [e.refs for e in entries],
                                    [e.image for e in entries] if images else None, wanted, scorers,
-                                   spice_jar_dir, device, batch_size)
+                                   spice_jar_dir, device, batch_size, workers)
     settings = {"metrics": wanted or "all", "clip": clip, "pac": pac, "clip_arch": clip_arch,
                 "pac_arch": pac_arch, **{k.replace("-", "_"): v for k, v in clip_settings().items()},
                 "spice_jar_dir": spice_jar_dir}
@@ -639,7 +674,7 @@ def kendall(values, ratings) -> dict:
 
 
 def correlation_files(path, *, images=None, metrics=None, clip=None, pac=None, clip_arch=None, pac_arch=None,
-                      spice_jar_dir=None, device="cpu", batch_size=64) -> dict:
+                      spice_jar_dir=None, device="cpu", batch_size=64, workers=0) -> dict:
     from .io import provenance
 
     t0 = time.time()
@@ -659,7 +694,7 @@ def correlation_files(path, *, images=None, metrics=None, clip=None, pac=None, c
         paths = [found[j.image] for j in judgements]
     scorers = load_scorers(clip, pac, wanted, device, clip_arch, pac_arch)
     _, per, reasons = compute([j.caption for j in judgements], [j.refs for j in judgements], paths, wanted,
-                              scorers, spice_jar_dir, device, batch_size)
+                              scorers, spice_jar_dir, device, batch_size, workers)
     ratings = [j.rating for j in judgements]
     taus = {k: kendall(per[k], ratings) for k in PER_CAPTION if k in per}
     settings = {"metrics": wanted or "all", "clip": clip, "pac": pac, "clip_arch": clip_arch, "pac_arch": pac_arch,
@@ -709,10 +744,18 @@ def register(sub) -> None:
                    help="human judgements in pacscore's flickr8k.json layout: print Kendall tau-b/tau-c per metric")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward pass")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: half the CPU cores, at most 8; 0 = none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", help="metrics JSON (a 'metrics' object with the pipeline's keys, and provenance)")
     p.add_argument("--per-caption", help="CSV with one row per image (per judgement with --correlation)")
     p.set_defaults(fn=cmd_score)
+
+
+def _workers(n: int | None) -> int:
+    import os
+
+    return min(8, (os.cpu_count() or 2) // 2) if n is None else max(0, n)
 
 
 def cmd_score(args) -> None:
@@ -725,7 +768,7 @@ def cmd_score(args) -> None:
     device = select_device(args.device)
     common = dict(images=args.images, metrics=args.metrics, clip=args.clip, pac=args.pac, clip_arch=args.clip_arch,
                   pac_arch=args.pac_arch, spice_jar_dir=args.spice_jar_dir, device=device,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, workers=_workers(args.workers))
     if args.correlation:
         if args.captions or args.refs:
             raise ScoreError("--correlation reads candidates, references and ratings from its own file; "

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import subprocess
 
@@ -307,10 +308,12 @@ def test_each_metric_subset_computes_exactly_what_was_asked(world, metrics):
         assert "Stanford CoreNLP 3.6.0 jars not found" in r["reasons"]["SPICE"]
 
 
-def test_clip_s_and_pac_s_equal_the_pacscore_computation(world):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_clip_s_and_pac_s_equal_the_pacscore_computation(world, workers):
     ex = world["ex"]
     r = S.score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images",
-                      metrics="clip-s,refclip-s,pac-s,refpac-s", clip=world["clip"], pac=world["clip"])
+                      metrics="clip-s,refclip-s,pac-s,refpac-s", clip=world["clip"], pac=world["clip"],
+                      workers=workers, batch_size=1)
     refs = json.loads(PACS_REFS)
     cands = json.loads(PACS_GOOD)
     images = [ex / "images" / f"{k}.jpg" for k in cands]
@@ -387,7 +390,7 @@ def test_bad_inputs_name_the_file_the_entry_and_the_fix(world, tmp_path, caplog,
     r = _write(tmp_path / "refs.json", refs) if refs is not None else _write(tmp_path / "refs.json", PACS_REFS)
     code, _, log = run_cli(caplog, capsys, "--captions", c, "--refs", r, "--metrics", "bleu")
     assert code == 1
-    assert __import__("re").search(message, log), log
+    assert re.search(message, log), log
 
 
 def test_reference_without_an_image(world, tmp_path, caplog, capsys):
@@ -430,7 +433,10 @@ def test_two_files_for_one_image_name(world, tmp_path, caplog, capsys):
     (["--correlation", "x.json", "--captions", "c.json"], "--correlation reads candidates, references and ratings"),
 ], ids=["unknown-metric", "not-cached", "unknown-arch", "unknown-tag", "missing-file", "correlation-and-captions"])
 def test_bad_options(world, caplog, capsys, monkeypatch, tmp_path, argv, message):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # empty caches
+    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     ex = world["ex"]
     base = [] if "--correlation" in argv else ["--captions", ex / "good_captions.json", "--refs", ex / "refs.json"]
