@@ -197,6 +197,7 @@ def cmd_generate(args):
     from .data import load_split
     from .io import write_json
     from .runtime import configure
+    from .text import postprocess
     from .train import aligned_store, check_backbone, generate_captions, load_captioner
 
     s = _spec(args, C.generate_spec)
@@ -212,9 +213,11 @@ def cmd_generate(args):
         caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
                                  max_len=dec["max_len"], batch_size=dec["batch_size"], device=device,
                                  amp=s["amp"], progress=True)
-        write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, caps)])
-        log.info("%s: %d captions in %.1fs -> %s (e.g. %r)", job["split"], len(caps), time.time() - t0,
-                 job["out"], caps[0])
+        # decoding.postprocess: official = what the official save_predictions writes (dico.text)
+        final = postprocess(caps, dec["postprocess"])
+        write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, final)])
+        log.info("%s: %d captions in %.1fs -> %s (e.g. %r, decoded %r, postprocess %s)", job["split"], len(caps),
+                 time.time() - t0, job["out"], final[0], caps[0], dec["postprocess"])
 
 
 def cmd_evaluate(args):
@@ -376,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split")
     p.set_defaults(fn=cmd_evaluate)
 
-    from . import report
+    from . import report, score
 
     report.register(sub)
+    score.register(sub)
     from . import download, official
     download.register(sub)
     official.register(sub)

@@ -182,3 +182,84 @@ def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "repeat_pct": 100.0 * sum(map(_has_repeat, words)) / len(words),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# the COCO suite with per-image values (dico score, human correlation)
+
+COCO_SCORERS = ("bleu", "meteor", "rouge", "cider", "spice")
+
+
+def ptb_tokenize_pairs(refs: dict, cands: dict) -> tuple[dict, dict]:
+    """References {id: [str]} and candidates {id: str} through ONE PTBTokenizer call (one JVM start).
+    The tokenizer reads one caption per line (-preserveLines), so tokenising both sets together gives
+    the same tokens as two calls (tests/test_score.py checks it against pycocoevalcap)."""
+    joint = {("ref", i): list(caps) for i, caps in refs.items()}
+    joint.update({("cand", i): [c] for i, c in cands.items()})
+    out = ptb_tokenize(joint)
+    return {i: out[("ref", i)] for i in refs}, {i: out[("cand", i)] for i in cands}
+
+
+def _spice_per_image(gts: dict, res: dict, spice_jar_dir, notes: dict) -> tuple[float | None, list | None]:
+    jars = find_spice_jars(spice_jar_dir)
+    if jars is None:
+        notes["SPICE"] = _spice_missing_reason(spice_jar_dir)
+        return None, None
+    try:
+        _install_spice_jars(jars)
+        from pycocoevalcap.spice.spice import Spice
+
+        score, per = Spice().compute_score(gts, res)  # per: one dict per image, in sorted-id order
+        return float(score), [float(p["All"]["f"]) for p in per]
+    except Exception as e:  # see _spice
+        notes["SPICE"] = f"failed: {type(e).__name__}: {e}"
+        return None, None
+
+
+def coco_scores(refs: dict, cands: dict, scorers=COCO_SCORERS,
+                spice_jar_dir: str | None = None) -> tuple[dict, dict, dict]:
+    """refs {id: [raw str, ...]}, cands {id: raw str} -> (corpus, per_image, notes).
+
+    The scorers of `coco_metrics` (pycocoevalcap's BLEU, METEOR, ROUGE-L, SPICE; CIDEr-D =
+    dico.cider.cider_d), restricted to `scorers`, with per-image values as well: per_image[key] is a
+    list aligned with the order of `cands`. Corpus values are pycocoevalcap's (BLEU and METEOR are
+    corpus statistics, not the mean of the per-image values). A metric that cannot run is absent from
+    both dicts and notes[key] says why."""
+    require_java()
+    unknown = set(scorers) - set(COCO_SCORERS)
+    if unknown:
+        raise ValueError(f"unknown COCO scorers {sorted(unknown)}; choose from {', '.join(COCO_SCORERS)}")
+    ids = list(cands)
+    gts_by_id, res_by_id = ptb_tokenize_pairs({i: refs[i] for i in ids}, cands)
+    # positions as keys: SPICE sorts the ids, which fails for mixed int/str ids
+    gts = {n: gts_by_id[i] for n, i in enumerate(ids)}
+    res = {n: res_by_id[i] for n, i in enumerate(ids)}
+    corpus, per, notes = {}, {}, {}
+    if "bleu" in scorers:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        bleu, per_bleu = Bleu(4).compute_score(gts, res, verbose=0)
+        for n in range(4):
+            corpus[f"BLEU-{n + 1}"] = float(bleu[n])
+            per[f"BLEU-{n + 1}"] = [float(x) for x in per_bleu[n]]
+    if "meteor" in scorers:
+        global _METEOR
+        try:
+            score, scores = _meteor_scorer().compute_score(gts, res)
+            corpus["METEOR"], per["METEOR"] = float(score), [float(x) for x in scores]
+        except Exception as e:  # see _meteor
+            _METEOR = None
+            notes["METEOR"] = f"failed: {type(e).__name__}: {e}"
+    if "rouge" in scorers:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        score, scores = Rouge().compute_score(gts, res)
+        corpus["ROUGE-L"], per["ROUGE-L"] = float(score), [float(x) for x in scores]
+    if "cider" in scorers:
+        score, by_pos = cider_d(gts, res)
+        corpus["CIDEr"], per["CIDEr"] = float(score), [float(by_pos[n]) for n in range(len(ids))]
+    if "spice" in scorers:
+        score, scores = _spice_per_image(gts, res, spice_jar_dir, notes)
+        if score is not None:
+            corpus["SPICE"], per["SPICE"] = score, scores
+    return corpus, per, notes
