@@ -212,7 +212,8 @@ def cmd_generate(args):
         t0 = time.time()
         caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
                                  max_len=dec["max_len"], batch_size=dec["batch_size"], device=device,
-                                 amp=s["amp"], progress=True)
+                                 amp=s["amp"], style=dec["style"], length_penalty=dec["length_penalty"],
+                                 progress=True)
         # decoding.postprocess: official = what the official save_predictions writes (dico.text)
         final = postprocess(caps, dec["postprocess"])
         write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, final)])

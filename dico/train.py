@@ -126,8 +126,9 @@ def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureSto
 
 class Validator:
     """Captions the first `val_images` val images and scores them: CIDEr-D (our exact
-    implementation over lightly tokenised captions; `evaluate` uses the Java PTB tokenizer), and for
-    fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in the form `selection.form` names:
+    implementation, equal to pycocoevalcap's, over the whitespace tokens of the post-processed
+    captions and references, as the official validation; `evaluate` uses the Java PTB tokenizer),
+    and for fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in the form `selection.form` names:
 
     - "validation" (default, the official trainer's checkpoint selection: official utils.py
       `clip_score_from_predictions` -> `compute_clip_score(ref=True)`): no text prefix, the candidate
@@ -143,16 +144,29 @@ class Validator:
         self.indices = usable_rows(store, records[:n])  # skipped (unreadable) images are not scored
         self.store, self.spec, self.device = store, spec, device
         self.records = [records[i] for i in self.indices]
-        self.gts = {i: [simple_tokenize(c) for c in r.captions] for i, r in enumerate(self.records)}
+        self.gts = None  # CIDEr references, tokenised at the first call (they need the tokenizer)
         self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
+
+    def _cider_tokens(self, texts: list[str]) -> list[str]:
+        """What the official validation CIDEr splits on whitespace (official utils.py compute_metrics):
+        the post-processed text (dico.text) under decoding.postprocess official, else a light
+        tokenizer."""
+        from .text import postprocess
+
+        mode = self.spec["decoding"]["postprocess"]
+        return [c.split() for c in postprocess(texts, mode)] if mode != "none" else [simple_tokenize(c) for c in texts]
 
     def __call__(self, model, tok) -> dict:
         dec = self.spec["decoding"]
+        if self.gts is None:  # the official references went through the tokenizer and back (77 tokens max)
+            refs = [[tok.decode(tok.encode(c, self.spec["model"]["max_caption_tokens"])) for c in r.captions]
+                    for r in self.records]
+            self.gts = {i: self._cider_tokens(rs) for i, rs in enumerate(refs)}
         caps = generate_captions(model, tok, self.store, self.indices, beam_size=dec["beam_size"],
                                  max_len=dec["max_len"], batch_size=dec["batch_size"], device=self.device,
                                  amp=self.spec["train"]["amp"], style=dec["style"],
                                  length_penalty=dec["length_penalty"])
-        cider, _ = cider_d(self.gts, {i: [simple_tokenize(c)] for i, c in enumerate(caps)})
+        cider, _ = cider_d(self.gts, {i: [t] for i, t in enumerate(self._cider_tokens(caps))})
         metrics = {"CIDEr": cider}
         from .evaluator import score_captions, score_captions_validation_form
 
