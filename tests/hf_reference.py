@@ -138,8 +138,9 @@ def vision_config_of(vision_sd: dict | None, cfg: CaptionerConfig) -> dict:
     if cfg.feat_dim == 1024 and cfg.max_enc_positions >= 257:
         return {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
                 "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-    grid = min(16, math.isqrt(cfg.max_enc_positions - 1))
-    return {"hidden_size": cfg.feat_dim, "patch_size": 14, "image_size": 14 * grid}
+    grid = min(16, math.isqrt(cfg.max_enc_positions - 1))  # no tower weights: a config that only sizes the grid
+    return {"hidden_size": cfg.feat_dim, "intermediate_size": 4 * cfg.feat_dim, "num_hidden_layers": 1,
+            "num_attention_heads": max(1, cfg.feat_dim // 64), "patch_size": 14, "image_size": 14 * grid}
 
 
 def release_config(modules, vision: dict) -> dict:
@@ -215,7 +216,7 @@ def load_modules(folder: Path):
     vis = part("encoder.vision_encoder.", r"\.position_ids$")
     if vis:
         tower = CLIPVisionModel(CLIPVisionConfig(**conf["encoder"]["vision_encoder"]))
-        tower.vision_model.load_state_dict(vis, strict=True)
+        tower.load_state_dict(vis, strict=True)  # 5.x: CLIPVisionModel is the 4.20 CLIPVisionTransformer
         modules.append(tower.eval())
     return tuple(modules)
 
