@@ -102,7 +102,8 @@ def _load_pickle(path: Path, trusted: bool):
     except Exception as e:  # UnpicklingError naming the global, or a file that is no torch file at all
         glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if glob is None:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
         if not trusted:
             raise ValueError(
                 f"{path} pickles a Python object ({glob.group(1)}) besides tensors, so reading it would run code "
