@@ -6,6 +6,10 @@ head costs the same on both sides) on random encoder memories [4, T, 512] (T = 2
 grid; --quick: T = 50 as ViT-B/32's). Beam 5, max_len 30 (29 generated tokens): the EOS row of the
 tied embedding is zeroed so no beam ends early (see common.paper_captioner), and the run checks that
 every beam has the full length. The time is beam search alone (the encoder runs once, outside).
+
+beam_styles: decoding.style hf (transformers 4.20's rules, the paper's) vs m2 at the paper's shapes,
+CLIP's full 49,409-token vocabulary, 257-token memories, beam 5, max_len 30, EOS pinned as above so
+both run all 29 steps; interleaved in one process, so the ratio holds on a loaded machine.
 """
 from __future__ import annotations
 
@@ -50,6 +54,27 @@ def bench_beam(quick: bool, B: int | None = None, T: int | None = None, k: int =
             f"recomputing the prefix and cross K/V each step (use_cache=False), same tokens; median of {repeats} "
             f"({t['plain']:.2f} s vs {t['cached']:.2f} s, {B / t['cached']:.1f} images/s cached) "
             f"{t['plain'] / t['cached']:.1f}x")
+
+
+def bench_beam_styles(quick: bool, B: int | None = None, T: int = 257, k: int = 5, max_len: int = 30,
+                      repeats: int | None = None) -> str:
+    """style hf vs style m2, same model and memories; the line ends with t(m2) / t(hf)."""
+    from dico.decoding import beam_search
+    from dico.tokenizer import CLIP_VOCAB
+
+    B = B or (16 if quick else 32)
+    repeats = repeats or 3
+    model = paper_captioner(CLIP_VOCAB)
+    memory = _memory(model, B, T)
+    run = {style: (lambda style=style: beam_search(model, memory, beam_size=k, max_len=max_len, style=style))
+           for style in ("m2", "hf")}
+    for style, fn in run.items():
+        _check_full_length(model, fn()[0], max_len)
+    t = interleaved(run, repeats, warmup=0)
+    return (f"beam_styles: beam search of the paper-size captioner (d=512, 3+3 layers, vocab {CLIP_VOCAB}) on {B} "
+            f"images x {T}-token memories, beam {k}, {max_len - 1} steps (EOS pinned), decoding.style m2 vs hf "
+            f"(4.20 rules: top 2k, tensor hypothesis heaps); median of {repeats} ({t['m2']:.2f} s vs {t['hf']:.2f} s: "
+            f"hf takes {t['hf'] / t['m2']:.2f} of m2's time) t(m2)/t(hf) {t['m2'] / t['hf']:.2f}x")
 
 
 def scaling_beam(quick: bool) -> list[str]:

@@ -1,6 +1,8 @@
-"""The released DiCO checkpoint (aimagelab/DiCO, "dico-ViTL14") as one of our captioner checkpoints.
+"""The released DiCO checkpoint (aimagelab/DiCO, "dico-ViTL14") as one of our captioner checkpoints,
+and back.
 
     dico convert-official --src resources/weights/dico-ViTL14.zip --out results/runs/dico_official/model.pt
+    dico export-official --checkpoint results/runs/dico/model.pt --out DIR [--zip] [--backbone-checkpoint ViT-L-14.pt]
 
 The release is an HF `save_pretrained` folder of the official VisionEncoderDecoderModel
 (config.json + pytorch_model.bin or model.safetensors, loaded in demo.py by AutoModel.from_pretrained
@@ -12,13 +14,27 @@ with config.json beside it or, without one, sizes read off the tensor shapes and
 Names map per the table in dico/model.py's docstring. GPT-2's Conv1D weights are [in, out] and are
 transposed; BERT's token-type table contributes its row 0 (the only type the encoder is fed). Keys
 we do not use are named in IGNORED and dropped; any other key, a missing one or a shape that does
-not fit is an error naming it, since it would mean a different architecture.
+not fit is an error naming it, since it would mean a different architecture. The config.json's
+generation settings that would change the official `generate()` (repetition penalty, n-gram
+blocking, min length, ...) are reported and recorded in the checkpoint's spec.
+
+Files from the internet are data, not code: a pytorch_model.bin that pickles anything besides
+tensors (torch.load(weights_only=True) refuses it) is only unpickled when the file is pinned
+(official.sha256 = --sha256, checked before anything is read) or trusted explicitly
+(official.trust_pickle = --trust-pickle).
+
+`export` writes one of our checkpoints in the release's layout (what transformers 4.20's
+save_pretrained writes for the official VisionEncoderDecoderModel: config.json + pytorch_model.bin,
+4.20's persistent buffers included; the tables the official forward never reads, BERT's word
+embeddings, token type 1 and pooler, as zeros), optionally with the frozen CLIP vision tower in HF
+CLIPVisionTransformer naming. `convert(export(x)) == x` exactly.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -76,14 +92,35 @@ def _is_archive(path: Path) -> bool:
     return tarfile.is_tarfile(path)
 
 
-def _load_tensors(path: Path) -> dict:
+def _load_pickle(path: Path, trusted: bool):
+    """torch.load with weights_only=True; a file that pickles other objects is unpickled only when
+    `trusted` (pinned by sha256 or --trust-pickle), since unpickling can run code from the file."""
     import torch
 
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError naming the global, or a file that is no torch file at all
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if glob is None:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        if not trusted:
+            raise ValueError(
+                f"{path} pickles a Python object ({glob.group(1)}) besides tensors, so reading it would run code "
+                "from the file (torch.load weights_only=False). Either pin the file: set official.sha256 to its "
+                "sha256 (passed as `dico convert-official --sha256`), or, if you trust where it came from, set "
+                "official.trust_pickle: true (`--trust-pickle`)") from None
+    log.warning("%s pickles %s besides tensors: unpickled with weights_only=False (pinned by sha256 or trusted)",
+                path, glob.group(1))
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _load_tensors(path: Path, trusted: bool = False) -> dict:
     if path.name.endswith(".index.json"):  # sharded save_pretrained
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         out = {}
         for shard in shards:
-            out.update(_load_tensors(path.parent / shard))
+            out.update(_load_tensors(path.parent / shard, trusted))
         return out
     if path.suffix == ".safetensors":
         try:
@@ -92,27 +129,43 @@ def _load_tensors(path: Path) -> dict:
             raise ImportError("reading .safetensors needs the safetensors package (installed with "
                               "open_clip_torch)") from None
         return load_file(str(path))
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # DeepSpeed model-state files also pickle non-tensor objects
-        log.warning("%s is not a plain state dict; loading it with weights_only=False (trusted file)", path)
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = _load_pickle(path, trusted)
     for key in ("module", "state_dict", "model"):  # DeepSpeed / Lightning-style wrappers
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]
     return {k.removeprefix("module."): v for k, v in blob.items()}
 
 
-def load_release(src: str | Path) -> tuple[dict, dict | None]:
-    """(state dict, parsed config.json or None) of the release at `src` (folder, archive or file)."""
+def _check_pin(src: Path, sha256: str) -> None:
+    """--sha256 pins the file given (archive or weights), or a folder's weights file."""
+    from .download import sha256_file
+
+    target = src if src.is_file() else _find(src, WEIGHT_FILES)
+    if target is None:
+        raise FileNotFoundError(f"{src}: no {' / '.join(WEIGHT_FILES)} inside")
+    digest = sha256_file(target)
+    if digest != sha256.strip().lower():
+        raise ValueError(f"{target}: sha256 is {digest}, but official.sha256 (--sha256) pins {sha256}; "
+                         "download the release again, or correct official.sha256 if the file is the right one")
+
+
+def load_release(src: str | Path, sha256: str | None = None, trust_pickle: bool = False) -> tuple[dict, dict | None]:
+    """(state dict, parsed config.json or None) of the release at `src` (folder, archive or file).
+    `sha256` (checked first) or `trust_pickle` allow weights that pickle more than tensors."""
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: the official DiCO checkpoint is not there (download it with "
                                 f"`snakemake download_official` or by hand from the DiCO README's Drive link)")
+    if sha256:
+        _check_pin(src, sha256)
+    return _read_release(src, trusted=bool(sha256) or trust_pickle)
+
+
+def _read_release(src: Path, trusted: bool) -> tuple[dict, dict | None]:
     if src.is_file() and _is_archive(src):
         near = src.parent if os.access(src.parent, os.W_OK) else None  # /tmp may be too small for 1.5 GB
         with tempfile.TemporaryDirectory(prefix=".official-", dir=near) as tmp:
-            return load_release(_unpack(src, Path(tmp)))
+            return _read_release(_unpack(src, Path(tmp)), trusted)
     if src.is_dir():
         weights, config = _find(src, WEIGHT_FILES), _find(src, ["config.json"])
         if weights is None:
@@ -121,7 +174,22 @@ def load_release(src: str | Path) -> tuple[dict, dict | None]:
         weights, config = src, src.with_name("config.json")
     hf_config = json.loads(config.read_text()) if config is not None and config.exists() else None
     log.info("official checkpoint: weights %s, config %s", weights, config if hf_config else "none")
-    return _load_tensors(weights), hf_config
+    return _load_tensors(weights, trusted), hf_config
+
+
+# generation settings of a 4.20 config whose non-default values change what generate() does; the
+# official scripts pass num_beams and max_length explicitly, so those two are not listed
+GENERATION_DEFAULTS = {"min_length": 0, "do_sample": False, "early_stopping": False, "num_beam_groups": 1,
+                       "diversity_penalty": 0.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+                       "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+                       "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+                       "exponential_decay_length_penalty": None}
+
+
+def generation_overrides(hf: dict | None) -> dict:
+    """The release config's top-level generation settings that differ from transformers' defaults
+    (the top level is what the official model.generate reads)."""
+    return {k: hf[k] for k, default in GENERATION_DEFAULTS.items() if hf and k in hf and hf[k] != default}
 
 
 # -- sizes ------------------------------------------------------------------------------------------
@@ -252,15 +320,17 @@ def convert_state_dict(sd: dict, cfg) -> dict:
 
 
 # -- the whole conversion ---------------------------------------------------------------------------
-def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14") -> dict:
+def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14", sha256: str | None = None,
+            trust_pickle: bool = False) -> dict:
     """Write our captioner checkpoint (dico.train format, run `dico_official`) for the release at
-    `src`; `backbone` is the features.backbone whose cached features it reads (CLIP ViT-L/14)."""
+    `src`; `backbone` is the features.backbone whose cached features it reads (CLIP ViT-L/14).
+    `sha256` / `trust_pickle`: see load_release."""
     from .io import torch_save
     from .model import Captioner
     from .tokenizer import CLIP_VOCAB, CaptionTokenizer
     from .train import captioner_payload
 
-    sd, hf = load_release(src)
+    sd, hf = load_release(src, sha256=sha256, trust_pickle=trust_pickle)
     for key in ("decoder.transformer.wte.weight", "encoder.vis_enc_to_enc_proj.weight"):
         _require(key in sd, f"no {key} (is this a DiCO VisionEncoderDecoderModel checkpoint?)")
     cfg, tokens = captioner_config(sd, hf)
@@ -270,7 +340,11 @@ def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14") -> dic
     model = Captioner(cfg)
     model.load_state_dict(convert_state_dict(sd, cfg), strict=True)
     store = SimpleNamespace(backbone=backbone, dim=cfg.feat_dim, index={"tokens": tokens})  # what the payload records
-    spec = {"run": RUN, "method": "official", "seed": None, "source": str(src),
+    overrides = generation_overrides(hf)
+    if overrides:
+        log.warning("the release's config.json sets generation options that the official generate() applies "
+                    "and dico's beam search does not: %s", overrides)
+    spec = {"run": RUN, "method": "official", "seed": None, "source": str(src), "hf_generation": overrides,
             "hf_config": {"encoder": (hf or {}).get("encoder", {}).get("encoder"), "decoder": (hf or {}).get("decoder")}}
     payload = captioner_payload(model.eval(), CaptionTokenizer(), store, spec, step=None, val=None)
     torch_save(payload, out)
@@ -280,8 +354,198 @@ def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14") -> dic
     return payload
 
 
+# -- ours -> the release's layout --------------------------------------------------------------------
+BERT_WORDS = 30522  # BertConfig's default vocabulary, kept (unused) by the official encoder
+VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+           "image_size": 224, "patch_size": 14}  # openai/clip-vit-large-patch14, the official backbone
+
+
+def official_state_dict(model) -> dict:
+    """The release's state dict (official names) of our Captioner: the inverse of key_map, plus
+    what 4.20's save_pretrained also wrote (persistent buffers, lm_head.weight sharing wte) and the
+    tables the official forward never reads, as zeros (BERT word embeddings, token type 1, pooler)."""
+    import torch
+
+    cfg, ours = model.cfg, model.state_dict()
+    sd = {}
+    for name, theirs, how in key_map(cfg):
+        t = ours[name].detach().to("cpu", torch.float32)
+        if how == "T":
+            t = t.t()
+        elif how == "row0":  # token type 0 is the encoder's; row 1 exists in BERT's table, unused
+            t = torch.stack([t, torch.zeros_like(t)])
+        sd[theirs] = t.contiguous().clone()
+    d, bert = cfg.d_model, "encoder.encoder"
+    sd[f"{bert}.embeddings.word_embeddings.weight"] = torch.zeros(BERT_WORDS, d)
+    sd[f"{bert}.embeddings.position_ids"] = torch.arange(cfg.max_enc_positions)[None]
+    sd[f"{bert}.pooler.dense.weight"], sd[f"{bert}.pooler.dense.bias"] = torch.zeros(d, d), torch.zeros(d)
+    n = cfg.max_dec_positions
+    causal = torch.ones(n, n, dtype=torch.uint8).tril().view(1, 1, n, n)
+    for i in range(cfg.dec_layers):
+        for att in ("attn", "crossattention"):  # GPT2Attention registered both buffers in 4.20
+            sd[f"decoder.transformer.h.{i}.{att}.bias"] = causal.clone()
+            sd[f"decoder.transformer.h.{i}.{att}.masked_bias"] = torch.tensor(-1e4)
+    sd["decoder.lm_head.weight"] = sd["decoder.transformer.wte.weight"]  # tied: one storage in torch.save
+    return sd
+
+
+def vision_tower(backbone_checkpoint: str | Path) -> tuple[dict, dict]:
+    """(encoder.vision_encoder.* tensors in HF CLIPVisionTransformer naming, its CLIPVisionConfig
+    fields) of an OpenAI-format CLIP ViT (as clip_models load it: TorchScript .pt, state dict or
+    {'state_dict': ...}). OpenAI's fused in_proj is split into q|k|v; visual.proj (CLIP's projection
+    head, not part of the tower) is dropped; heads = width / 64 and QuickGELU, as OpenAI CLIP."""
+    import torch
+
+    from .evaluator import load_evaluator
+
+    v = load_evaluator(backbone_checkpoint, format="openai").model.visual
+    if not hasattr(v, "conv1"):
+        raise ValueError(f"{backbone_checkpoint}: --backbone-checkpoint must be a CLIP ViT (the official "
+                         f"backbone is ViT-L/14), not {type(v).__name__}")
+    w, patch = v.conv1.weight.shape[0], v.conv1.weight.shape[-1]
+    grid = math.isqrt(v.positional_embedding.shape[0] - 1)
+    blocks = v.transformer.resblocks
+    sd = {"embeddings.class_embedding": v.class_embedding, "embeddings.patch_embedding.weight": v.conv1.weight,
+          "embeddings.position_embedding.weight": v.positional_embedding,
+          "embeddings.position_ids": torch.arange(grid * grid + 1)[None],
+          "pre_layrnorm.weight": v.ln_pre.weight, "pre_layrnorm.bias": v.ln_pre.bias,
+          "post_layernorm.weight": v.ln_post.weight, "post_layernorm.bias": v.ln_post.bias}
+    for i, blk in enumerate(blocks):
+        hf = f"encoder.layers.{i}"
+        for part, wt, bs in zip("qkv", blk.attn.in_proj_weight.chunk(3), blk.attn.in_proj_bias.chunk(3)):
+            sd[f"{hf}.self_attn.{part}_proj.weight"], sd[f"{hf}.self_attn.{part}_proj.bias"] = wt, bs
+        for theirs, mod in [("self_attn.out_proj", blk.attn.out_proj), ("layer_norm1", blk.ln_1),
+                            ("layer_norm2", blk.ln_2), ("mlp.fc1", blk.mlp.c_fc), ("mlp.fc2", blk.mlp.c_proj)]:
+            sd[f"{hf}.{theirs}.weight"], sd[f"{hf}.{theirs}.bias"] = mod.weight, mod.bias
+    config = {"hidden_size": w, "intermediate_size": blocks[0].mlp.c_fc.weight.shape[0],
+              "num_hidden_layers": len(blocks), "num_attention_heads": w // 64, "image_size": grid * patch,
+              "patch_size": patch}
+    return {f"encoder.vision_encoder.{k}": t.detach().float().contiguous().clone() for k, t in sd.items()}, config
+
+
+def release_config(cfg, vision: dict) -> dict:
+    """config.json of the official VisionEncoderDecoderConfig (to_dict layout of transformers 4.20):
+    encoder = VisionEncoderEncoderConfig{vision_encoder: CLIPVisionConfig, encoder: BertConfig as
+    main.py get_model builds it (d_embed included: the official config reads it)}, decoder =
+    GPT2Config with cross-attention, plus main.py's top-level ids."""
+    from .tokenizer import CLIP_BOS, CLIP_EOS, CLIP_PAD
+
+    p, d = cfg.dropout, cfg.d_model
+    clip_vision = {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                   "dropout": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+                   **vision}
+    bert = {"model_type": "bert", "hidden_size": d, "d_embed": d, "num_hidden_layers": cfg.enc_layers,
+            "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff, "hidden_act": "gelu",
+            "hidden_dropout_prob": p, "attention_probs_dropout_prob": p, "layer_norm_eps": 1e-12,
+            "max_position_embeddings": cfg.max_enc_positions, "type_vocab_size": 2, "vocab_size": BERT_WORDS,
+            "position_embedding_type": "absolute", "initializer_range": 0.02, "pad_token_id": 0, "use_cache": True}
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": d, "n_layer": cfg.dec_layers,
+            "n_head": cfg.n_heads, "n_inner": None if cfg.d_ff == 4 * d else cfg.d_ff,
+            "n_positions": cfg.max_dec_positions, "vocab_size": cfg.vocab_size, "activation_function": "gelu_new",
+            "resid_pdrop": p, "embd_pdrop": p, "attn_pdrop": p, "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "use_cache": True, "add_cross_attention": True, "is_decoder": True,
+            "tie_word_embeddings": True, "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS, "pad_token_id": CLIP_PAD}
+    encoder = {"model_type": "vision-encoder-encoder", "vision_encoder": clip_vision, "encoder": bert,
+               "is_encoder_decoder": False, "hidden_size": d}
+    return {"architectures": ["VisionEncoderDecoderModel"], "model_type": "vision-encoder-decoder",
+            "encoder": encoder, "decoder": gpt2, "is_encoder_decoder": True, "add_cross_attention": True,
+            "decoder_start_token_id": CLIP_BOS, "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS,
+            "pad_token_id": CLIP_PAD, "vocab_size": cfg.vocab_size, "hidden_size": d, "tie_word_embeddings": False,
+            "torch_dtype": "float32", "transformers_version": "4.20.0"}
+
+
+def _grid_config(dim: int, tokens: int) -> dict:
+    """The vision config without a tower: ViT-L/14's for its 257 x 1024 grid, else one that only
+    sizes the grid (width, patch 14, 1 + g*g tokens)."""
+    if (dim, tokens) == (1024, 257):
+        return dict(VIT_L14)
+    grid = math.isqrt(tokens - 1)
+    _require(grid * grid + 1 == tokens, f"{tokens} visual tokens is not 1 + a square grid of patches")
+    return {"hidden_size": dim, "intermediate_size": 4 * dim, "num_hidden_layers": 1,
+            "num_attention_heads": max(1, dim // 64), "patch_size": 14, "image_size": 14 * grid}
+
+
+def _write_folder(out: Path, files: dict) -> None:
+    """Write {name: writer(path)} into a temporary folder next to `out`, then rename it to `out`."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, zip: bool = False, backbone_checkpoint: str | Path | None = None,
+           weights: str = "pytorch_model.bin") -> Path:
+    """Write our captioner checkpoint in the release's layout at `out`: a folder (config.json +
+    `weights`), or with zip=True a zip of it (entries `<out stem>/...`). With `backbone_checkpoint`
+    the frozen vision tower is included as encoder.vision_encoder.*."""
+    import torch
+
+    from .io import atomic_path
+    from .tokenizer import CLIP_VOCAB
+    from .train import load_captioner
+
+    model, tok, payload = load_captioner(checkpoint)
+    if payload["tokenizer"].get("clip_ids") is not None or model.cfg.vocab_size != CLIP_VOCAB:
+        raise ValueError(f"{checkpoint}: its decoder predicts {model.cfg.vocab_size} ids (model.vocab: train), but "
+                         f"the release's predicts all {CLIP_VOCAB} CLIP ids; only checkpoints trained with "
+                         "model.vocab: full can be exported (set model.vocab: full and retrain)")
+    sd = official_state_dict(model)
+    grid = payload["backbone"]
+    if backbone_checkpoint is not None:
+        tower, vision = vision_tower(backbone_checkpoint)
+        got = (vision["hidden_size"], (vision["image_size"] // vision["patch_size"]) ** 2 + 1)
+        _require(got == (grid["dim"], grid["tokens"]),
+                 f"--backbone-checkpoint {backbone_checkpoint} gives {got[1]} x {got[0]} grid features, but "
+                 f"{checkpoint} was trained on {grid['tokens']} x {grid['dim']} ({grid['name']})")
+        sd.update(tower)
+    else:
+        vision = _grid_config(grid["dim"], grid["tokens"])
+        log.warning("no --backbone-checkpoint: the export has no encoder.vision_encoder.* weights (the official "
+                    "code needs them to run on pixels)")
+    config = json.dumps(release_config(model.cfg, vision), indent=2) + "\n"
+    if weights == "pytorch_model.bin":
+        save = lambda path: torch.save(sd, path)  # noqa: E731  (lm_head and wte share one storage)
+    elif weights == "model.safetensors":
+        from safetensors.torch import save_file
+
+        plain = {k: v for k, v in sd.items() if k != "decoder.lm_head.weight"}  # safetensors keeps no shared tensors
+        save = lambda path: save_file(plain, str(path))  # noqa: E731
+    else:
+        raise ValueError(f"--weights must be pytorch_model.bin or model.safetensors, not {weights!r}")
+    out = Path(out)
+    files = {"config.json": lambda path: path.write_text(config), weights: save}
+    if not zip:
+        _write_folder(out, files)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp, atomic_path(out) as part:
+            folder = Path(tmp) / out.stem
+            _write_folder(folder, files)
+            with zipfile.ZipFile(part, "w") as zf:
+                for name in files:
+                    zf.write(folder / name, f"{out.stem}/{name}")
+    log.info("%s -> %s: release layout (%s%s), d %d, %d+%d layers, vocab %d", checkpoint, out, weights,
+             ", vision tower" if backbone_checkpoint else "", model.cfg.d_model, model.cfg.enc_layers,
+             model.cfg.dec_layers, model.cfg.vocab_size)
+    return out
+
+
 def cmd_convert(args):
-    convert(args.src, args.out, backbone=args.backbone)
+    convert(args.src, args.out, backbone=args.backbone, sha256=args.sha256, trust_pickle=args.trust_pickle)
+
+
+def cmd_export(args):
+    export(args.checkpoint, args.out, zip=args.zip, backbone_checkpoint=args.backbone_checkpoint, weights=args.weights)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -290,5 +554,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "model.safetensors (config.json beside it)")
     p.add_argument("--out", required=True, help="captioner checkpoint to write, e.g. results/runs/dico_official/model.pt")
     p.add_argument("--backbone", default="clip_l14", help="features.backbone entry whose features the model reads")
+    p.add_argument("--sha256", help="official.sha256: the sha256 of --src (or of the weights file in a --src "
+                   "folder), checked first; a pinned file may pickle more than tensors")
+    p.add_argument("--trust-pickle", action="store_true", help="official.trust_pickle: unpickle weights that hold "
+                   "Python objects besides tensors (can run code from the file)")
     p.set_defaults(fn=cmd_convert)
+    e = subparsers.add_parser("export-official", help="our captioner checkpoint -> the released DiCO checkpoint's "
+                              "layout (HF save_pretrained folder of the official VisionEncoderDecoderModel)")
+    e.add_argument("--checkpoint", required=True, help="our captioner checkpoint (model.vocab: full), e.g. "
+                   "results/runs/dico/model.pt")
+    e.add_argument("--out", required=True, help="the folder to write (or the zip, with --zip)")
+    e.add_argument("--zip", action="store_true", help="write a zip holding the folder")
+    e.add_argument("--backbone-checkpoint", help="OpenAI-format CLIP ViT weights (e.g. ViT-L-14.pt): include the "
+                   "frozen vision tower as encoder.vision_encoder.*")
+    e.add_argument("--weights", default="pytorch_model.bin", choices=["pytorch_model.bin", "model.safetensors"],
+                   help="weights file (transformers 4.20, which the official code pins, writes pytorch_model.bin)")
+    e.set_defaults(fn=cmd_export)
     return p

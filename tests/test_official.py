@@ -1,161 +1,201 @@
-"""dico.official: a random captioner written in the released checkpoint's HF layout (names spelled
-out here from HF's BertModel / GPT2LMHeadModel conventions, independently of dico.official's
-table) converts back to identical logits; wrong checkpoints fail naming the key."""
+"""dico.official against the real `transformers` classes.
+
+The "official" captioner is built from transformers' own BertModel / GPT2LMHeadModel / CLIPVisionModel
+(tests/hf_reference.py, never from dico.model) and saved in the release's layout; the converted
+checkpoint must give the same logits. Our checkpoints exported to that layout must load strictly in
+those classes with the same logits, and a vision tower exported from an OpenAI-format CLIP must give
+HF CLIPVisionModel's last_hidden_state = our grid features. Pickles holding more than tensors are
+refused unless pinned or trusted.
+"""
+import argparse
 import json
-import shutil
 import zipfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import hf_reference as H
 from dico import official
+from dico.cli import main
+from dico.download import sha256_file
 from dico.model import Captioner, CaptionerConfig
-from dico.tokenizer import CLIP_BOS, CLIP_EOS, CLIP_PAD, CLIP_VOCAB
-from dico.train import load_captioner
+from dico.tokenizer import CLIP_BOS, CLIP_EOS, CLIP_PAD, CLIP_VOCAB, CaptionTokenizer
+from dico.train import captioner_payload, load_captioner
 
 D, ENC, DEC, HEADS, FEAT = 64, 2, 2, 4, 32  # the official sizes (512, 3+3, 8, 1024) scaled down
-IMAGE, PATCH = 56, 14  # -> 17 visual tokens
+CFG = CaptionerConfig(feat_dim=FEAT, vocab_size=CLIP_VOCAB, pad_id=CLIP_PAD, bos_id=CLIP_BOS, eos_id=CLIP_EOS,
+                      d_model=D, enc_layers=ENC, dec_layers=DEC, n_heads=HEADS, d_ff=4 * D,
+                      max_enc_positions=40, max_dec_positions=48)
+TOKENS = 37  # the grid write_release gives for 40 encoder positions: 6 x 6 patches + CLS
+CAPTIONS = torch.tensor([[CLIP_BOS, 320, 1929, 530, 12, 269], [CLIP_BOS, 786, 49, CLIP_EOS, CLIP_PAD, CLIP_PAD],
+                         [CLIP_BOS, 49407, 3, 1, 0, 49000]])
 
 
-def random_captioner(seed=0) -> Captioner:
-    torch.manual_seed(seed)
-    cfg = CaptionerConfig(feat_dim=FEAT, vocab_size=CLIP_VOCAB, pad_id=CLIP_PAD, bos_id=CLIP_BOS, eos_id=CLIP_EOS,
-                          d_model=D, enc_layers=ENC, dec_layers=DEC, n_heads=HEADS, d_ff=4 * D,
-                          max_enc_positions=40, max_dec_positions=48)
-    model = Captioner(cfg)
-    with torch.no_grad():  # LayerNorms start at 1/0: perturb everything so that a swapped name shows
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+def _feats(n=3, tokens=TOKENS, seed=0):
+    return torch.randn(n, tokens, FEAT, generator=torch.Generator().manual_seed(seed))
 
 
-def hf_config() -> dict:
-    return {"model_type": "vision-encoder-decoder", "is_encoder_decoder": True, "vocab_size": CLIP_VOCAB,
-            "encoder": {"model_type": "vision-encoder-encoder",
-                        "vision_encoder": {"model_type": "clip_vision_model", "hidden_size": FEAT,
-                                           "image_size": IMAGE, "patch_size": PATCH},
-                        "encoder": {"model_type": "bert", "hidden_size": D, "num_hidden_layers": ENC,
-                                    "num_attention_heads": HEADS, "intermediate_size": 4 * D, "hidden_act": "gelu",
-                                    "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "type_vocab_size": 2,
-                                    "vocab_size": 100, "position_embedding_type": "absolute"}},
-            "decoder": {"model_type": "gpt2", "n_embd": D, "n_layer": DEC, "n_head": HEADS, "n_inner": None,
-                        "n_positions": 48, "vocab_size": CLIP_VOCAB, "activation_function": "gelu_new",
-                        "layer_norm_epsilon": 1e-5, "add_cross_attention": True, "resid_pdrop": 0.1,
-                        "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS, "pad_token_id": CLIP_PAD}}
+def _convert_cli(src, out, *extra):
+    assert main(["convert-official", "--src", str(src), "--out", str(out), *extra]) == 0
+    return load_captioner(out)
 
 
-def hf_state_dict(model: Captioner) -> dict:
-    """The VisionEncoderDecoderModel state dict holding `model`'s weights (plus the keys we drop)."""
-    s = {k: v.clone() for k, v in model.state_dict().items()}
-    conv = lambda name: s[name].t().contiguous()  # noqa: E731  GPT-2 Conv1D stores [in, out]
-    bert, gpt = "encoder.encoder", "decoder.transformer"
-    sd = {"encoder.vis_enc_to_enc_proj.weight": s["bridge.weight"], "encoder.vis_enc_to_enc_proj.bias": s["bridge.bias"],
-          # the frozen CLIP tower, BERT's unused tables and buffers, GPT-2's mask buffers: present, ignored
-          "encoder.vision_encoder.embeddings.class_embedding": torch.randn(FEAT),
-          "encoder.vision_encoder.encoder.layers.0.mlp.fc1.weight": torch.randn(8, FEAT),
-          f"{bert}.embeddings.word_embeddings.weight": torch.randn(100, D),
-          f"{bert}.embeddings.position_ids": torch.arange(40)[None],
-          f"{bert}.embeddings.position_embeddings.weight": s["encoder.wpe.weight"],
-          f"{bert}.embeddings.token_type_embeddings.weight": torch.stack([s["encoder.type_emb"], torch.randn(D)]),
-          f"{bert}.embeddings.LayerNorm.weight": s["encoder.ln_emb.weight"],
-          f"{bert}.embeddings.LayerNorm.bias": s["encoder.ln_emb.bias"],
-          f"{bert}.pooler.dense.weight": torch.randn(D, D), f"{bert}.pooler.dense.bias": torch.randn(D),
-          f"{gpt}.wte.weight": s["decoder.wte.weight"], f"{gpt}.wpe.weight": s["decoder.wpe.weight"],
-          f"{gpt}.ln_f.weight": s["decoder.ln_f.weight"], f"{gpt}.ln_f.bias": s["decoder.ln_f.bias"],
-          "decoder.lm_head.weight": s["decoder.wte.weight"]}
-    for i in range(ENC):
-        hf, ours = f"{bert}.encoder.layer.{i}", f"encoder.layers.{i}"
-        for a, b in [("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
-                     ("attention.output.dense", "proj"), ("attention.output.LayerNorm", "ln_attn"),
-                     ("intermediate.dense", "fc1"), ("output.dense", "fc2"), ("output.LayerNorm", "ln_ffn")]:
-            sd[f"{hf}.{a}.weight"], sd[f"{hf}.{a}.bias"] = s[f"{ours}.{b}.weight"], s[f"{ours}.{b}.bias"]
-    for i in range(DEC):
-        hf, ours = f"{gpt}.h.{i}", f"decoder.h.{i}"
-        for a, b in [("ln_1", "ln_1"), ("ln_2", "ln_2"), ("ln_cross_attn", "ln_cross")]:
-            sd[f"{hf}.{a}.weight"], sd[f"{hf}.{a}.bias"] = s[f"{ours}.{b}.weight"], s[f"{ours}.{b}.bias"]
-        for a, b in [("attn.c_attn", "attn.c_attn"), ("attn.c_proj", "attn.c_proj"),
-                     ("crossattention.q_attn", "cross.q_attn"), ("crossattention.c_attn", "cross.c_attn"),
-                     ("crossattention.c_proj", "cross.c_proj"), ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj")]:
-            sd[f"{hf}.{a}.weight"], sd[f"{hf}.{a}.bias"] = conv(f"{ours}.{b}.weight"), s[f"{ours}.{b}.bias"]
-        for att in ("attn", "crossattention"):
-            sd[f"{hf}.{att}.bias"] = torch.ones(1, 1, 48, 48).tril().bool()
-            sd[f"{hf}.{att}.masked_bias"] = torch.tensor(-1e4)
-    return sd
-
-
-def write_release(tmp_path, model, fmt: str):
-    """The release as a nested folder zipped with model.safetensors, or an unzipped folder with
-    pytorch_model.bin (torch.save keeps lm_head sharing wte's storage, as HF 4.20 wrote it)."""
-    folder = tmp_path / "release" / "dico-ViTL14"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(hf_config()))
-    sd = hf_state_dict(model)
-    if fmt == "bin":
-        torch.save(sd, folder / "pytorch_model.bin")
-        return folder
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(folder / "model.safetensors"))
-    archive = tmp_path / "dico-ViTL14.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in folder.iterdir():
-            zf.write(f, f"dico-ViTL14/{f.name}")
-    shutil.rmtree(tmp_path / "release")
-    return archive
-
-
-@pytest.mark.parametrize("fmt", ["safetensors-zip", "bin"])
-def test_converted_release_gives_identical_logits(tmp_path, fmt):
-    model = random_captioner()
-    src = write_release(tmp_path, model, fmt)
-    out = tmp_path / "runs" / "dico_official" / "model.pt"
-    if fmt == "bin":  # through the CLI, as the rule runs it
-        from dico.cli import main
-
-        assert main(["convert-official", "--src", str(src), "--out", str(out)]) == 0
-    else:
-        official.convert(src, out)
-    ours, tok, payload = load_captioner(out)
+@pytest.mark.parametrize("layout", ["folder-bin", "zip-bin", "zip-safetensors"])
+def test_release_of_transformers_modules_converts_to_the_same_logits(tmp_path, layout):
+    kind, weights = layout.split("-")
+    src = H.write_release(tmp_path / ("dico-ViTL14.zip" if kind == "zip" else "dico-ViTL14"), CFG, seed=3,
+                          zip=kind == "zip", weights="model.safetensors" if weights == "safetensors" else
+                          "pytorch_model.bin")
+    ours, tok, payload = _convert_cli(src, tmp_path / "runs" / "dico_official" / "model.pt")
     assert payload["tokenizer"] == {"clip_ids": None} and tok.vocab_size == CLIP_VOCAB
-    assert payload["backbone"] == {"name": "clip_l14", "dim": FEAT, "tokens": (IMAGE // PATCH) ** 2 + 1}
-    assert payload["run"] == "dico_official"
-    feats = torch.randn(2, 17, FEAT)
-    tokens = torch.tensor([[CLIP_BOS, 320, 1929, 530, 12], [CLIP_BOS, 786, 49, CLIP_EOS, CLIP_PAD]])
+    assert payload["backbone"] == {"name": "clip_l14", "dim": FEAT, "tokens": TOKENS}
+    assert payload["run"] == "dico_official" and payload["spec"]["hf_generation"] == {}
+    modules = H.build_hf_captioner(CFG, seed=3)
+    feats = _feats()
     with torch.no_grad():
-        want, got = model(feats, tokens), ours(feats, tokens)
-    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+        torch.testing.assert_close(ours.encode(feats), H.hf_memory(modules, feats), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(feats, CAPTIONS), H.hf_logits(modules, feats, CAPTIONS), atol=1e-5, rtol=0)
 
 
 def test_wrong_checkpoints_fail_naming_the_key():
-    model = random_captioner()
-    cfg = model.cfg
-    good = hf_state_dict(model)
+    good = H.official_state_dict(H.build_hf_captioner(CFG))
 
     sd = dict(good)  # a Conv1D weight stored as a Linear one (not transposed)
     sd["decoder.transformer.h.1.mlp.c_fc.weight"] = sd["decoder.transformer.h.1.mlp.c_fc.weight"].t()
     with pytest.raises(ValueError, match=r"decoder\.transformer\.h\.1\.mlp\.c_fc\.weight has shape \(256, 64\) "
                                          r"after transposing .* but decoder\.h\.1\.mlp\.c_fc\.weight needs \(256, 64\)"):
-        official.convert_state_dict(sd, cfg)
+        official.convert_state_dict(sd, CFG)
 
     sd = dict(good)
     del sd["encoder.encoder.encoder.layer.0.attention.self.key.bias"]
     sd["decoder.enc_to_dec_proj.weight"] = torch.zeros(D, D)
     with pytest.raises(ValueError, match=r"missing encoder\.encoder\.encoder\.layer\.0\.attention\.self\.key\.bias"
                                          r"(.|\n)*unexpected decoder\.enc_to_dec_proj\.weight"):
-        official.convert_state_dict(sd, cfg)
+        official.convert_state_dict(sd, CFG)
 
     sd = dict(good)
     sd["decoder.lm_head.weight"] = torch.zeros_like(sd["decoder.lm_head.weight"])
     with pytest.raises(ValueError, match="lm_head.weight differs"):
-        official.convert_state_dict(sd, cfg)
+        official.convert_state_dict(sd, CFG)
 
-    hf = hf_config()
+    hf = H.release_config(H.build_hf_captioner(CFG), H.vision_config_of(None, CFG))
     hf["encoder"]["encoder"]["hidden_act"] = "relu"
     with pytest.raises(ValueError, match=r"encoder\.encoder\.hidden_act is 'relu', expected 'gelu'"):
         official.captioner_config(good, hf)
 
 
 def test_key_map_covers_every_tensor_once():
-    cfg = random_captioner().cfg
-    ours = [o for o, _, _ in official.key_map(cfg)]
-    assert sorted(ours) == sorted(Captioner(cfg).state_dict()) and len(set(ours)) == len(ours)
+    ours = [o for o, _, _ in official.key_map(CFG)]
+    assert sorted(ours) == sorted(Captioner(CFG).state_dict()) and len(set(ours)) == len(ours)
+
+
+def test_generation_settings_of_the_release_are_reported(tmp_path):
+    src = H.write_release(tmp_path / "rel", CFG)
+    conf = json.loads((src / "config.json").read_text())
+    conf.update(no_repeat_ngram_size=3, num_beams=5, length_penalty=1.0)  # only the first changes generate()
+    (src / "config.json").write_text(json.dumps(conf))
+    payload = official.convert(src, tmp_path / "model.pt")
+    assert payload["spec"]["hf_generation"] == {"no_repeat_ngram_size": 3}
+
+
+# -- export -----------------------------------------------------------------------------------------
+def _our_checkpoint(path, cfg=CFG, tokens=TOKENS, seed=0, tok=None):
+    """A random captioner of ours (every tensor moved off its init) saved as a training run would."""
+    torch.manual_seed(seed)
+    model = Captioner(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    store = SimpleNamespace(backbone="clip_l14", dim=cfg.feat_dim, index={"tokens": tokens})
+    payload = captioner_payload(model.eval(), tok or CaptionTokenizer(), store, {"run": "dico"}, step=1, val=None)
+    torch.save(payload, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_export_round_trip_and_the_release_runs_in_transformers(tmp_path, zipped):
+    model = _our_checkpoint(tmp_path / "model.pt")
+    out = tmp_path / ("export.zip" if zipped else "export")
+    assert main(["export-official", "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out),
+                 *(["--zip"] if zipped else [])]) == 0
+    back, _, payload = _convert_cli(out, tmp_path / "back.pt")  # ours -> official -> ours: exact
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    assert payload["backbone"]["tokens"] == TOKENS
+    if zipped:
+        with zipfile.ZipFile(out) as zf:
+            assert sorted(zf.namelist()) == ["export/config.json", "export/pytorch_model.bin"]
+        return
+    sd = torch.load(out / "pytorch_model.bin", weights_only=True)  # a plain state dict, as 4.20 saved it
+    assert sd["decoder.lm_head.weight"].data_ptr() == sd["decoder.transformer.wte.weight"].data_ptr()
+    bridge, bert, gpt2 = H.load_modules(out)  # strict loads into transformers' classes
+    feats = _feats(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(H.hf_logits((bridge, bert, gpt2), feats, CAPTIONS), model(feats, CAPTIONS),
+                                   atol=1e-5, rtol=0)
+
+
+def test_export_needs_the_full_vocabulary(tmp_path):
+    cfg = CaptionerConfig(**{**CFG.__dict__, "vocab_size": 8})
+    _our_checkpoint(tmp_path / "model.pt", cfg=cfg, tok=CaptionTokenizer([320, 1929, 530, 12, 269]))
+    with pytest.raises(ValueError, match=r"model\.pt: its decoder predicts 8 ids .* only checkpoints trained with "
+                                         r"model\.vocab: full can be exported"):
+        official.export(tmp_path / "model.pt", tmp_path / "out")
+
+
+def test_exported_vision_tower_is_hf_clip_and_gives_our_grid_features(tmp_path):
+    """The ledger row "grid features are all 1+P tokens before ln_post", proven by transformers' own
+    CLIPVisionModel (last_hidden_state) on the tower exported from an OpenAI-format CLIP."""
+    from dico.evaluator import build_tiny_clip, load_evaluator, save_evaluator, tiny_clip_config
+
+    clip = build_tiny_clip(tiny_clip_config(embed_dim=32, image_size=56, patch_size=14, vision_width=FEAT * 2,
+                                            vision_layers=2, text_width=64, text_layers=1, context_length=16), seed=0)
+    with torch.no_grad():  # move the LayerNorms off 1/0 so that a skipped or extra LN shows
+        for p in clip.visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_evaluator(clip, tmp_path / "clip.pt")
+    cfg = CaptionerConfig(**{**CFG.__dict__, "feat_dim": FEAT * 2})
+    _our_checkpoint(tmp_path / "model.pt", cfg=cfg, tokens=17)
+    out = tmp_path / "export"
+    assert main(["export-official", "--checkpoint", str(tmp_path / "model.pt"), "--out", str(out),
+                 "--backbone-checkpoint", str(tmp_path / "clip.pt")]) == 0
+    *_, tower = H.load_modules(out)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = tower(pixel_values=pixels).last_hidden_state
+        ours = load_evaluator(tmp_path / "clip.pt").grid_features(pixels)
+    assert hf.shape == ours.shape == (2, 17, FEAT * 2)
+    torch.testing.assert_close(hf, ours, atol=1e-4, rtol=0)
+    # and the export converts back (the tower is ignored by the converter)
+    _, _, back = _convert_cli(out, tmp_path / "back.pt")
+    assert back["backbone"]["tokens"] == 17
+
+    bad = CaptionerConfig(**{**CFG.__dict__, "feat_dim": FEAT})  # features of another width
+    _our_checkpoint(tmp_path / "other.pt", cfg=bad, tokens=17)
+    with pytest.raises(ValueError, match=r"gives 17 x 64 grid features, but .*other\.pt was trained on 17 x 32"):
+        official.export(tmp_path / "other.pt", tmp_path / "out2", backbone_checkpoint=tmp_path / "clip.pt")
+
+
+# -- files from the internet are data ---------------------------------------------------------------
+def test_pickled_objects_are_refused_unless_pinned_or_trusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICO_TRACEBACK", "1")  # the CLI re-raises, so the message is checked
+    src = H.write_release(tmp_path / "rel", CFG)
+    weights = src / "pytorch_model.bin"
+    sd = torch.load(weights, weights_only=True)
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1e-6)}, weights)  # as a training script might
+    with pytest.raises(ValueError, match=r"rel/pytorch_model\.bin pickles a Python object \(argparse\.Namespace\)"
+                                         r".*official\.sha256.*--sha256.*official\.trust_pickle: true.*--trust-pickle"):
+        _convert_cli(src, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"sha256 is [0-9a-f]{64}, but official\.sha256 \(--sha256\) pins 00"):
+        _convert_cli(src, tmp_path / "a.pt", "--sha256", "00" * 32)
+    pinned, *_ = _convert_cli(src, tmp_path / "b.pt", "--sha256", sha256_file(weights))
+    trusted, *_ = _convert_cli(src, tmp_path / "c.pt", "--trust-pickle")
+    want = H.to_captioner(H.build_hf_captioner(CFG), CFG).state_dict()
+    assert all(torch.equal(pinned.state_dict()[k], v) and torch.equal(trusted.state_dict()[k], v)
+               for k, v in want.items())
+    archive = tmp_path / "rel.zip"  # a pinned archive pins what it holds
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in src.iterdir():
+            zf.write(f, f"rel/{f.name}")
+    _convert_cli(archive, tmp_path / "d.pt", "--sha256", sha256_file(archive))

@@ -106,12 +106,17 @@ rule convert_official:
         f"results/runs/{OFFICIAL_RUN}/model.pt",
     params:
         backbone=BACKBONE,
+        # a pickle that holds more than tensors is read only when pinned or trusted (untracked: pinning
+        # a file that converted fine changes nothing)
+        trust=Untracked(" ".join(
+            ([f"--sha256 {shlex.quote(config['official']['sha256'])}"] if config["official"]["sha256"] else [])
+            + (["--trust-pickle"] if config["official"]["trust_pickle"] else []))),
     log:
         "results/logs/convert_official.log",
     conda:
         "../../envs/train.yaml"
     shell:
-        "dico convert-official --src {input.src} --out {output} --backbone {params.backbone} > {log} 2>&1"
+        "dico convert-official --src {input.src} --out {output} --backbone {params.backbone} {params.trust} > {log} 2>&1"
 
 
 # generate/evaluate (evaluate.smk) are constrained to the config's runs (common.smk); these copies
