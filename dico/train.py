@@ -154,7 +154,7 @@ class Validator:
         from .text import postprocess
 
         mode = self.spec["decoding"]["postprocess"]
-        return [c.split() for c in postprocess(texts, mode)] if mode != "none" else [simple_tokenize(c) for c in texts]
+        return postprocess(texts, mode) if mode != "none" else [simple_tokenize(c) for c in texts]
 
     def __call__(self, model, tok) -> dict:
         dec = self.spec["decoding"]
