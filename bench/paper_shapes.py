@@ -1,0 +1,100 @@
+"""What each stage costs at the paper's shapes on this CPU: seconds per unit and peak memory.
+
+    python bench/paper_shapes.py                  # every stage (~10-20 min on 2 cores); records bench/RESULTS.md
+    python bench/paper_shapes.py --only xe beam   # some (not recorded)
+
+The stages are bench/gpu.py's sections on the CPU with the sizes `cpu-paper`: the paper's shapes
+(random ViT-L/14, 257 x 1024 features, CLIP's 49,409-token vocabulary, the d=512 3 + 3-layer
+captioner, beam 5 x length 30, k = 5, a random ViT-B/32 as the PAC-S reward) and the paper's batches,
+with few repetitions. Each stage runs in a fresh process, so the peak RSS reported is that stage's own
+(it includes ~0.5 GB of Python, torch and open_clip):
+features  dico.features.cache_features of 16 COCO-like 640x480 JPEGs (1 decode worker, batch 4) -> s/image
+xe        one XE optimiser step at the paper's batch: 64 captions per pass x 8 accumulation, one
+          (image, caption) pair per sample (captions_per_image null) -> s/step
+dico      DiCO steps of 8 images x k = 5 (the official 8 images per GPU) -> s/step
+beam      beam search of 64 images (decoding.batch_size), 29 steps forced -> s/call
+torch runs --threads intra-op threads (default 2, all cores: each stage runs alone). Other jobs on a
+shared machine slow every figure (the load average at the start is in the header).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from dico.io import write_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN = "<!-- bench/paper_shapes.py: begin (generated; edited by hand at your own risk) -->"
+END = "<!-- bench/paper_shapes.py: end -->"
+STAGES = ("features", "xe", "dico", "beam")
+
+
+def run_stage(stage: str, threads: int, tmp: Path) -> dict:
+    """bench/gpu.py --only <stage> on the CPU in a fresh process: its rows and the wall time."""
+    out = tmp / f"{stage}.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("gpu.py")), "--device", "cpu", "--sizes", "cpu-paper",
+           "--only", stage, "--threads", str(threads), "--workers", "1", "--json", str(out)]
+    t = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return {"rows": json.loads(out.read_text())["rows"], "wall_s": time.time() - t}
+
+
+def per_unit(row: dict) -> str:
+    """A rate (img/s, steps/s, images/s) as seconds per unit, the CPU's natural reading."""
+    unit = {"img/s": "s/image", "steps/s": "s/step", "images/s": "s/image"}.get(row["unit"])
+    return f"{1 / row['value']:.2f} {unit}" if unit else f"{row['value']:.4g} {row['unit']}"
+
+
+def lines_of(results: dict) -> list[str]:
+    out = []
+    for stage, res in results.items():
+        for r in res["rows"]:
+            out.append(f"{stage}: {r['metric']}: {per_unit(r)}, peak RSS {r['peak_gib']:.2f} GiB "
+                       f"(process wall {res['wall_s']:.0f} s); {r['detail']}")
+    return out
+
+
+def record(lines: list[str], header: str, seconds: float) -> None:
+    block = "\n".join([BEGIN, f"Machine: {header}", "", f"`python bench/paper_shapes.py` ({seconds / 60:.1f} min):",
+                       "", "```", *lines, "```", END])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(RESULTS, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=STAGES, help="run these stages (the result is not recorded)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads per stage (default 2)")
+    ap.add_argument("--no-record", action="store_true", help="never write bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    header = common.describe_machine(common.machine_info())
+    print(f"# {header}", flush=True)
+    start, results = time.time(), {}
+    with tempfile.TemporaryDirectory(prefix="dico-paper-shapes-") as tmp:
+        for stage in args.only or STAGES:
+            results[stage] = run_stage(stage, args.threads, Path(tmp))
+            for line in lines_of({stage: results[stage]}):
+                print(line, flush=True)
+    seconds = time.time() - start
+    if not (args.only or args.no_record):
+        record(lines_of(results), header, seconds)
+        print(f"# recorded in {RESULTS}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
