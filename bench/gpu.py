@@ -148,9 +148,11 @@ class Bench:
             return self.torch.cuda.max_memory_allocated() / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
-    def row(self, section: str, metric: str, value: float, unit: str, detail: str = "", peak=True):
+    def row(self, section: str, metric: str, value: float, unit: str, detail: str = "", peak=True,
+            cpu_s: float | None = None):
+        """One result; `cpu_s` = CPU seconds (this process + finished children) per unit of `unit`."""
         r = {"section": section, "metric": metric, "value": value, "unit": unit,
-             "peak_gib": round(self.peak_gib(), 2) if peak else None, "detail": detail}
+             "peak_gib": round(self.peak_gib(), 2) if peak else None, "cpu_s": cpu_s, "detail": detail}
         self.rows.append(r)
         print(f"# {section}: {metric} {value:.4g} {unit} {detail}", flush=True)
 
@@ -201,14 +203,15 @@ class Bench:
                 out = fn()
                 assert out.shape == (sz.vit_batch, sz.tokens, sz.feat_dim), tuple(out.shape)
                 self.sync()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), cpu_seconds()
                 for _ in range(sz.vit_batches):
                     fn()
                 self.sync()
-            rate = sz.vit_batches * sz.vit_batch / (time.perf_counter() - t)
+            n = sz.vit_batches * sz.vit_batch
+            rate = n / (time.perf_counter() - t)
             mfu = f", {rate * flop / 1e12 / peak * 100:.0f}% of {peak:.0f} TFLOP/s" if peak else ""
             self.row("vit", f"grid features {out.shape[1]}x{out.shape[2]}, {name}", rate, "img/s",
-                     f"{sz.vit}, batch {sz.vit_batch}, {flop / 1e9:.0f} GFLOP/img{mfu}")
+                     f"{sz.vit}, batch {sz.vit_batch}, {flop / 1e9:.0f} GFLOP/img{mfu}", cpu_s=(cpu_seconds() - c) / n)
         ev.model.float()
 
     # -- xe -----------------------------------------------------------------------------------------
@@ -272,13 +275,14 @@ class Bench:
             variants[name].zero_grad(set_to_none=True)
             self.sync()
             first[name] = time.perf_counter() - t
-        times, tokens = {n: [] for n in variants}, dict.fromkeys(variants, 0)
+        times, cpus, tokens = {n: [] for n in variants}, {n: [] for n in variants}, dict.fromkeys(variants, 0)
         names = list(variants)
         for s in range(sz.xe_steps):
             for name in names[s % len(names):] + names[:s % len(names)]:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), cpu_seconds()
                 tokens[name] += step(name)
                 times[name].append(time.perf_counter() - t)
+                cpus[name].append(cpu_seconds() - c)
         what = (f"{sz.xe_batch} x {sz.xe_accum} = {sz.xe_batch * sz.xe_accum} captions/step, "
                 f"{sz.tokens}x{sz.feat_dim} features, vocab {cfg.vocab_size}, amp {self.amp}, "
                 f"{'fused ' if self.cuda else ''}Adam; median of {sz.xe_steps}")
@@ -287,7 +291,8 @@ class Bench:
             label = "XE optimiser step" + (f" ({name})" if compiled else "")
             self.row("compile" if compiled else "xe", label, 1 / med, "steps/s",
                      f"{med:.2f} s/step, {tokens[name] / sum(times[name]):.0f} target tokens/s, first pass "
-                     f"{first[name]:.1f} s, {flop_note(flop, 1 / med)}; {what}")
+                     f"{first[name]:.1f} s, {flop_note(flop, 1 / med)}; {what}",
+                     cpu_s=statistics.median(cpus[name]))
 
     def section_compile(self):
         self.section_xe(compiled=True)
@@ -302,14 +307,20 @@ class Bench:
                                    n_train=max(64, 4 * sz.dico_images), vocab=sz.vocab, device=self.dev,
                                    amp=self.amp, evaluator=self.evaluator(sz.reward_model), fused_adam=self.cuda,
                                    model_kw=sz.model_kw)
-        flop = counted_flops(step)  # one whole step (also the warm-up)
-        ph, _ = step_bench.run_steps(step, sz.dico_steps, with_naive=False)
+        flop = counted_flops(step)  # one whole step, which is also the warm-up
+        walls, cpus, phases = [], [], []
+        for _ in range(sz.dico_steps):
+            t, c = time.perf_counter(), cpu_seconds()
+            phases.append(step())
+            walls.append(time.perf_counter() - t)
+            cpus.append(cpu_seconds() - c)
         assert step.mean_len == 29, f"beams should run to max_len (EOS pinned), got {step.mean_len}"
-        self.row("dico", f"DiCO step, {sz.dico_images} images x k=5", 1 / ph["total"], "steps/s",
-                 f"{ph['total']:.2f} s/step, {sz.dico_images / ph['total']:.1f} images/s, "
-                 f"{flop_note(flop, 1 / ph['total'])}; phases "
+        ph = {p: statistics.median(x[p] for x in phases) for p in step_bench.PHASES}
+        wall = statistics.median(walls)
+        self.row("dico", f"DiCO step, {sz.dico_images} images x k=5", 1 / wall, "steps/s",
+                 f"{wall:.2f} s/step, {sz.dico_images / wall:.1f} images/s, {flop_note(flop, 1 / wall)}; phases "
                  f"{step_bench.shares(ph)}; {sz.reward_model} ClipReward, vocab {sz.vocab}, all 29 tokens, "
-                 f"amp {self.amp}; median of {sz.dico_steps}")
+                 f"amp {self.amp}; median of {sz.dico_steps}", cpu_s=statistics.median(cpus))
 
     # -- beam ---------------------------------------------------------------------------------------
     def section_beam(self):
@@ -328,13 +339,13 @@ class Bench:
                 assert tuple(tokens.shape) == (B, 5, 30), tuple(tokens.shape)
                 flop = counted_flops(lambda: beam_search(model, mem, beam_size=5, max_len=30))
                 self.sync()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), cpu_seconds()
                 beam_search(model, mem, beam_size=5, max_len=30)
                 self.sync()
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, cpu_seconds() - c
             self.row("beam", f"beam search, {B} images per call", B / dt, "images/s",
                      f"{dt:.2f} s/call, {flop_note(flop, 1 / dt)}; beam 5, 29 steps forced (EOS pinned), vocab {sz.vocab}, "
-                     f"{sz.tokens}-token memories, amp {self.amp}")
+                     f"{sz.tokens}-token memories, amp {self.amp}", cpu_s=cpu / B)
             del mem
 
     # -- nccl: the real CLI under torchrun ----------------------------------------------------------
@@ -387,14 +398,14 @@ class Bench:
         records = [ImageRecord(i, p, ("a caption",)) for i, p in enumerate(paths)]
         ckpt = self.tmp / "vit.ckpt"
         ckpt.write_bytes(b"fingerprint stand-in")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         cache_features(ev, "bench", ckpt, records, "bench", self.tmp / "current", shard_size=len(records),
                        batch_size=sz.vit_batch, num_workers=self.workers, device=self.dev, log=lambda *a, **k: None)
-        rate = len(paths) / (time.perf_counter() - t)
+        rate, cpu = len(paths) / (time.perf_counter() - t), (cpu_seconds() - c) / len(paths)
         shutil.rmtree(self.tmp / "current", ignore_errors=True)
         self.row("features", "dico.features.cache_features, JPEG -> fp16 shard", rate, "img/s",
                  f"{len(paths)} COCO-like 640x480 JPEGs ({images.mean_file_kb(unique):.0f} KB), {self.workers} decode "
-                 f"workers, batch {sz.vit_batch}, {sz.vit}, fp32 weights + bf16 autocast")
+                 f"workers, batch {sz.vit_batch}, {sz.vit}, fp32 weights + bf16 autocast", cpu_s=cpu)
         if not self.cuda:
             return
         ev.model.to(torch.bfloat16)  # the proposed pipeline: uint8 crops, GPU normalisation, bf16 weights
@@ -428,6 +439,13 @@ class _Uint8Images:
 
         load = images.load_draft if self.draft else images.load_full
         return images.to_uint8_chw(load(self.paths[i], self.size))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (DataLoader workers):
+    on a shared CPU the cost of the work itself, whatever share of the cores the other jobs leave."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def counted_flops(fn) -> float:

@@ -13,8 +13,10 @@ xe        one XE optimiser step at the paper's batch: 64 captions per pass x 8 a
           (image, caption) pair per sample (captions_per_image null) -> s/step
 dico      DiCO steps of 8 images x k = 5 (the official 8 images per GPU) -> s/step
 beam      beam search of 64 images (decoding.batch_size), 29 steps forced -> s/call
-torch runs --threads intra-op threads (default 2, all cores: each stage runs alone). Other jobs on a
-shared machine slow every figure (the load average at the start is in the header).
+The figure to read is CPU seconds per unit (user + system of the stage's process and its DataLoader
+workers): with torch at --threads 1 (the default) it is the work itself, nearly independent of what
+other jobs on a shared machine take; the wall time per unit is printed next to it (the load average
+at the start is in the header). On an idle 2-core machine at 2 threads, wall ~ CPU s / 1.6-1.9.
 """
 from __future__ import annotations
 
@@ -49,18 +51,18 @@ def run_stage(stage: str, threads: int, tmp: Path) -> dict:
     return {"rows": json.loads(out.read_text())["rows"], "wall_s": time.time() - t}
 
 
-def per_unit(row: dict) -> str:
-    """A rate (img/s, steps/s, images/s) as seconds per unit, the CPU's natural reading."""
-    unit = {"img/s": "s/image", "steps/s": "s/step", "images/s": "s/image"}.get(row["unit"])
-    return f"{1 / row['value']:.2f} {unit}" if unit else f"{row['value']:.4g} {row['unit']}"
+UNIT = {"img/s": "image", "steps/s": "step", "images/s": "image"}
 
 
 def lines_of(results: dict) -> list[str]:
+    """One line per row: CPU seconds per unit (the work, nearly load-independent at 1 thread), the
+    wall seconds per unit it took here, peak RSS, the process's wall time, the row's details."""
     out = []
     for stage, res in results.items():
         for r in res["rows"]:
-            out.append(f"{stage}: {r['metric']}: {per_unit(r)}, peak RSS {r['peak_gib']:.2f} GiB "
-                       f"(process wall {res['wall_s']:.0f} s); {r['detail']}")
+            unit = UNIT[r["unit"]]
+            out.append(f"{stage}: {r['metric']}: {r['cpu_s']:.2f} CPU s/{unit} ({1 / r['value']:.2f} s/{unit} wall), "
+                       f"peak RSS {r['peak_gib']:.2f} GiB (process {res['wall_s']:.0f} s); {r['detail']}")
     return out
 
 
@@ -78,7 +80,7 @@ def record(lines: list[str], header: str, seconds: float) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=STAGES, help="run these stages (the result is not recorded)")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads per stage (default 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per stage (default 1)")
     ap.add_argument("--no-record", action="store_true", help="never write bench/RESULTS.md")
     args = ap.parse_args(argv)
     header = common.describe_machine(common.machine_info())
