@@ -405,7 +405,8 @@ class Bench:
         shutil.rmtree(self.tmp / "current", ignore_errors=True)
         self.row("features", "dico.features.cache_features, JPEG -> fp16 shard", rate, "img/s",
                  f"{len(paths)} COCO-like 640x480 JPEGs ({images.mean_file_kb(unique):.0f} KB), {self.workers} decode "
-                 f"workers, batch {sz.vit_batch}, {sz.vit}, fp32 weights + bf16 autocast", cpu_s=cpu)
+                 f"worker(s), batch {sz.vit_batch}, {sz.vit}, fp32 weights{' + bf16 autocast' if self.cuda else ''}",
+                 cpu_s=cpu)
         if not self.cuda:
             return
         ev.model.to(torch.bfloat16)  # the proposed pipeline: uint8 crops, GPU normalisation, bf16 weights

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per stage (default 1)")
     ap.add_argument("--no-record", action="store_true", help="never write bench/RESULTS.md")
     args = ap.parse_args(argv)
-    header = common.describe_machine(common.machine_info())
+    header = common.describe_machine(common.machine_info()) + f"; stages at {args.threads} torch thread(s)"
     print(f"# {header}", flush=True)
     start, results = time.time(), {}
     with tempfile.TemporaryDirectory(prefix="dico-paper-shapes-") as tmp:
