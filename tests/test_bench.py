@@ -61,19 +61,26 @@ def test_gpu_script_degrades_without_cuda_and_plans():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the no-GPU path cannot be exercised")
-    out = run("bench/gpu.py", timeout=120)
+    out = run("bench/gpu.py", "--all", timeout=120)
     assert "no CUDA device" in out
     plan = run("bench/gpu.py", "--dry-run", timeout=60)
-    assert "ViT-L-14" in plan and "8192 JPEGs" in plan
+    assert "ViT-L-14" in plan and "64 x 8 captions/step" in plan and "vocabulary 49409" in plan
 
 
-def test_gpu_script_cpu_tiny_runs_every_section(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    out = run("bench/gpu.py", "--device", "cpu", "--tiny", "--results", str(results))
-    lines = bench_lines(out)
-    assert [line.split(":")[0] for line in lines] == ["gpu_vit", "gpu_features", "gpu_xe", "gpu_beam",
-                                                       "gpu_dico_step"]
-    for line in lines:
-        assert LINE.match(line), line
-    text = results.read_text()
-    assert "### GPU run:" in text and all(line in text for line in lines)
+def test_gpu_script_smoke_runs_every_section_and_writes_its_table(tmp_path):
+    """`bench/gpu.py --smoke`: the --all sections on the CPU with tiny models, through the same code,
+    the CLI smoke included (torchrun --nproc_per_node=1 -m dico train xe, then dico, 3 steps each)."""
+    import json
+
+    out = run("bench/gpu.py", "--smoke", "--json", str(tmp_path / "gpu.json"), timeout=400)
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["failed"] == [] and result["device"] == "cpu" and result["sizes"]["name"] == "smoke"
+    sections = [r["section"] for r in result["rows"]]
+    assert sections == ["vit"] * 3 + ["xe", "dico", "beam", "beam", "nccl", "nccl", "nccl"], sections
+    for r in result["rows"]:
+        assert r["value"] > 0 and r["unit"], r
+    train = [r for r in result["rows"] if r["metric"].startswith("torchrun --nproc_per_node=1 -m dico train")]
+    assert [r["metric"].split()[-1] for r in train] == ["xe", "dico"]
+    assert all(r["detail"].startswith("3 steps, device cpu, 1 process(es)") for r in train), train
+    table = out[out.index("section  what"):]  # the printed table: a header and one line per row
+    assert len([line for line in table.splitlines() if line and not line.startswith("#")]) == 1 + len(sections)

@@ -29,10 +29,17 @@ def spec(obj):
 
 
 def torch_launcher(wildcards, resources):
-    """`dico` on CPU or one GPU; `torchrun` over all GPUs of the job when it has several (the slurm
-    profile sets resources.gpu). Batches are global, so the result does not depend on the count."""
-    gpus = int(getattr(resources, "gpu", 0) or 0)
-    return f"torchrun --standalone --nproc_per_node={gpus} -m dico" if gpus > 1 else "dico"
+    """How a training job starts: `torchrun --standalone --nproc_per_node=N -m dico` with N =
+    train.processes when the config sets that count (the CPU rehearsal, config/rehearsal.yaml: 2 gloo
+    processes on CPU, as the 2-GPU SLURM jobs; 1 still starts torchrun), else
+    N = the job's GPUs (resources.gpu, set by the slurm profile) when it has several; plain `dico`
+    otherwise. Batches are global, so the result does not depend on N."""
+    n = config["train"]["processes"]
+    if n is None:
+        n = int(getattr(resources, "gpu", 0) or 0)
+        if n <= 1:
+            return "dico"
+    return f"torchrun --standalone --nproc_per_node={n} -m dico"
 
 
 def clip_model_path(name):
