@@ -1,5 +1,6 @@
 # Stage 3: frozen CLIP-architecture models. Demo models are trained here; the backbone's grid
-# features and every scorer's image embeddings are cached once per split.
+# features and every scorer's image embeddings are cached once per split: COCO's train/val/test and
+# ood/<name> for each extra evaluation set (evaluate.datasets), read from that set's split file.
 
 
 rule train_clip:
@@ -19,27 +20,77 @@ rule train_clip:
         " --out {output} --threads {threads} > {log} 2>&1"
 
 
-rule cache_features:
-    input:
-        splits=splits_file(),
-        checkpoint=clip_model_path(BACKBONE),
-    output:
-        f"results/features/{BACKBONE}/{{split}}/index.json",
-    params:
-        spec=spec(dc.features_spec(config)),
-    threads: 1
-    log:
-        "results/logs/cache_features/{split}.log",
-    conda:
-        "../../envs/features.yaml"
-    shell:
-        "dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {wildcards.split}"
-        " --checkpoint {input.checkpoint} --out-dir $(dirname {output}) --threads {threads} > {log} 2>&1"
+# features.jobs is how many jobs share a split; it is not in the spec: it does not change the shards.
+FEATURES_SPEC = spec({k: v for k, v in dc.features_spec(config).items() if k != "jobs"})
+
+if FEATURE_JOBS == 1:
+
+    rule cache_features:
+        input:
+            unpack(split_inputs),
+        output:
+            features_index("{split}"),
+        params:
+            spec=FEATURES_SPEC,
+            split=lambda wc: split_source(wc.split)[1],
+        threads: 1
+        log:
+            "results/logs/cache_features/{split}.log",
+        conda:
+            "../../envs/features.yaml"
+        shell:
+            "dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {params.split}"
+            " --checkpoint {input.checkpoint} --out-dir $(dirname {output}) --threads {threads} > {log} 2>&1"
+
+else:
+    # features.jobs: N > 1. Part k of N (still named cache_features, so a profile's GPU resources apply)
+    # caches its own contiguous shard range and writes part-k-of-N.json; gather_features checks every
+    # shard and writes the index, which is what the readers depend on.
+
+    rule cache_features:
+        input:
+            unpack(split_inputs),
+        output:
+            f"results/features/{BACKBONE}/{{split}}/part-{{part}}-of-{FEATURE_JOBS}.json",
+        wildcard_constraints:
+            part=r"\d+",
+        params:
+            spec=FEATURES_SPEC,
+            split=lambda wc: split_source(wc.split)[1],
+            parts=FEATURE_JOBS,
+        threads: 1
+        log:
+            f"results/logs/cache_features/{{split}}.part-{{part}}-of-{FEATURE_JOBS}.log",
+        conda:
+            "../../envs/features.yaml"
+        shell:
+            "dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {params.split}"
+            " --checkpoint {input.checkpoint} --part {wildcards.part} --parts {params.parts}"
+            " --out-dir $(dirname {output}) --threads {threads} > {log} 2>&1"
+
+    rule gather_features:
+        input:
+            unpack(split_inputs),
+            parts=lambda wc: feature_parts(wc.split),
+        output:
+            features_index("{split}"),
+        params:
+            spec=FEATURES_SPEC,
+            split=lambda wc: split_source(wc.split)[1],
+            parts=FEATURE_JOBS,
+        localrule: True  # reads the shards' headers only
+        log:
+            "results/logs/cache_features/{split}.gather.log",
+        conda:
+            "../../envs/features.yaml"
+        shell:
+            "dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {params.split}"
+            " --checkpoint {input.checkpoint} --gather {params.parts} --out-dir $(dirname {output}) > {log} 2>&1"
 
 
 rule cache_embeddings:
     input:
-        splits=splits_file(),
+        splits=lambda wc: split_source(wc.split)[0],
         checkpoint=lambda wc: clip_model_path(wc.name),
     output:
         "results/embeddings/{name}/{split}.pt",
@@ -50,6 +101,7 @@ rule cache_embeddings:
             if config["features"]["skip_broken_images"]
             else dc.clip_model_spec(config, wc.name)
         ),
+        split=lambda wc: split_source(wc.split)[1],
     threads: 1
     log:
         "results/logs/cache_embeddings/{name}_{split}.log",
@@ -57,5 +109,5 @@ rule cache_embeddings:
         "../../envs/features.yaml"
     shell:
         "dico cache-embeddings --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
-        " --split {wildcards.split} --checkpoint {input.checkpoint} --out {output}"
+        " --split {params.split} --checkpoint {input.checkpoint} --out {output}"
         " --threads {threads} > {log} 2>&1"
