@@ -485,9 +485,9 @@ def test_ood_target_is_listed_and_plans_the_main_runs_on_every_set(tmp_path, dem
     for rule in ("generate_ood", "evaluate_ood"):
         assert {(wc["run"], wc["dataset"]) for r, wc in jobs if r == rule} == {(r, d) for r in main for d in sets}
     assert {wc["dataset"] for r, wc in jobs if r == "prepare_ood"} == sets
-    assert {wc["split"] for r, wc in jobs if r == "cache_features"} >= {"ood/shapes_bg", "ood/shapes_colour"}
-    assert {(wc["name"], wc["split"]) for r, wc in jobs if r == "cache_embeddings" and "ood" in wc["split"]} == {
-        (n, f"ood/{d}") for n in ("clip", "pac") for d in sets}
+    assert {wc["dataset"] for r, wc in jobs if r == "cache_features_ood"} == sets
+    assert {(wc["name"], wc["dataset"]) for r, wc in jobs if r == "cache_embeddings_ood"} == {
+        (n, d) for n in ("clip", "pac") for d in sets}
     assert not {r for r, _ in jobs} & {"evaluate", "generate", "table_main", "table_ablation"}
     assert [r for r, _ in jobs if r.startswith("table_")] == ["table_ood"]
 

@@ -27,7 +27,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ["Snakefile", "workflow", "config", "envs", "slurm"]
 GPU_RULES = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
-             "generate": 1, "evaluate": 1, "generate_ood": 1, "evaluate_ood": 1}
+             "generate": 1, "evaluate": 1, "cache_features_ood": 1, "cache_embeddings_ood": 1, "generate_ood": 1,
+             "evaluate_ood": 1}
 STAGES = ["prepare_splits", "cache_features", "cache_embeddings", "train_xe", "train_scst", "train_dico",
           "generate", "evaluate", "table_main", "table_ablation", "figure_training_curves", "figure_tradeoff",
           "figure_ablations", "figure_qualitative", "prepare_ood", "generate_ood", "evaluate_ood", "table_ood"]
@@ -118,8 +119,9 @@ def test_profile_plans_the_whole_paper(paper_plan):
     shells = [j["shell"] for j in jobs]
     assert any("--splits results/data/ood/nocaps_val/splits.json --split nocaps_val" in c for c in shells)
     assert any(c.startswith("dico download zip") and "--member dataset_flickr30k.json" in c for c in shells)
-    features = {re.search(r"--split (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] == "cache_features"}
-    assert features == {"train", "val", "test", *sets}
+    features = {rule: {re.search(r"--split (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] == rule}
+                for rule in ("cache_features", "cache_features_ood")}
+    assert features == {"cache_features": {"train", "val", "test"}, "cache_features_ood": set(sets)}
 
 
 def test_the_paper_plan_trains_the_paper_model(paper_plan):
@@ -308,7 +310,8 @@ def test_demo_dag_runs_through_local_slurm(tmp_path):
     logs = {p.stem: p for p in (root / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert set(submitted.values()) <= set(logs), set(submitted.values()) - set(logs)
     rules_in_slurm = {p.relative_to(root / ".snakemake" / "slurm_logs").parts[0] for p in logs.values()}
-    assert {f"rule_{r}" for r in GPU_RULES} <= rules_in_slurm, rules_in_slurm
+    # (features.jobs: 2 here: the part jobs are rule cache_features, there is no cache_features_ood)
+    assert {f"rule_{r}" for r in GPU_RULES if r != "cache_features_ood"} <= rules_in_slurm, rules_in_slurm
     part_logs = [p for p in logs.values() if "rule_cache_features" in p.parts]
     assert len(part_logs) == 8  # 4 splits x 2 parts, each its own SLURM job
 

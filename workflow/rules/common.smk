@@ -19,14 +19,16 @@ FINETUNE_RUNS = [r for r in RUNS if r != "xe"]
 BACKBONE = config["features"]["backbone"]
 EVAL_SPLITS = config["evaluate"]["splits"]
 ABLATIONS = dc.ablation_runs(config)
-# Extra evaluation sets (evaluate.datasets): each is a "split" ood/<name> of its own split file, so
-# cache_features / cache_embeddings serve COCO's splits and these alike.
+# Extra evaluation sets (evaluate.datasets): their features and embeddings live under .../ood/<name>
+# (the {dataset} wildcard), each from the set's own split file.
 OOD_SETS = list(config["evaluate"]["datasets"])
 FEATURE_JOBS = config["features"]["jobs"]
+# {split} of the rules that serve COCO's splits and the sets alike (feature part jobs, the gather)
+ANY_SPLIT = "train|val|test" + "".join(f"|ood/{re.escape(d)}" for d in OOD_SETS)
 
 
 wildcard_constraints:
-    split="train|val|test" + "".join(f"|ood/{re.escape(d)}" for d in OOD_SETS),
+    split="train|val|test",
     run="|".join(map(re.escape, RUNS)),
     name="|".join(config["clip_models"]) or "none",
     reward="|".join(config["scst"]["rewards"]) or "none",
@@ -106,7 +108,7 @@ def ood_inputs(wildcards):
 
 
 def split_inputs(wildcards):
-    """cache_features' inputs: the split file the {split} wildcard lives in, and the backbone."""
+    """The feature part jobs' and gather's inputs: the split file of {split}, and the backbone."""
     return {"splits": split_source(wildcards.split)[0], "checkpoint": clip_model_path(BACKBONE)}
 
 
@@ -290,6 +292,8 @@ OFFICIAL_RUN = "dico_official"
 # the default resources (no GPU) under --profile slurm; an explicit entry for a copy in the profile
 # still wins. Snakemake reads these settings as it defines each rule, so this runs before any is.
 RESOURCE_TWINS = {
+    "cache_features_ood": "cache_features",
+    "cache_embeddings_ood": "cache_embeddings",
     "generate_ood": "generate",
     "evaluate_ood": "evaluate",
     "generate_official": "generate",
