@@ -31,5 +31,6 @@ rule all:
     default_target: True
     input:
         all_metrics(),
+        all_ood_metrics(),
         TABLES,
         FIGURES,

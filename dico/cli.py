@@ -52,8 +52,17 @@ def cmd_make_demo_data(args):
 
 
 def cmd_prepare_splits(args):
-    from .data import normalise_karpathy
+    """COCO's Karpathy file -> the split file; or, with --eval-set, one extra evaluation set's."""
+    from .data import eval_set_spec, normalise_karpathy, prepare_eval_set
 
+    if args.eval_set:
+        s = _spec(args, lambda c: eval_set_spec(c, args.eval_set))
+        n = prepare_eval_set(s, args.out, args.train_from, retries=args.retries, timeout=args.timeout,
+                             workers=args.fetch_workers, log=log.info)
+        log.info("evaluation set %s: %d images -> %s", args.eval_set, n, args.out)
+        return
+    if not (args.karpathy_json and args.image_root):
+        raise SystemExit("give --karpathy-json and --image-root (COCO), or --eval-set NAME (evaluate.datasets)")
     counts = normalise_karpathy(args.karpathy_json, args.image_root, args.out, max_refs=args.max_refs)
     log.info("splits: %s -> %s", counts, args.out)
 
@@ -85,20 +94,37 @@ def _load_clip(spec: dict, path: str | None = None, device: str = "cpu"):
 
 
 def cmd_cache_features(args):
+    """One job (default), part --part of --parts (features.jobs > 1), or --gather of the parts' shards."""
     from .data import load_split
-    from .features import cache_features
+    from .features import cache_features, cache_features_part, gather_features, part_shards, shard_layout
     from .runtime import configure
 
     s = _spec(args, C.features_spec)
+    records = load_split(args.splits, args.split)
+    checkpoint = args.checkpoint or s["model"]["path"]
+    sizes = dict(shard_size=s["shard_size"], dtype=s["dtype"], jpeg_draft=s["jpeg_draft"])
+    if args.gather:
+        index = gather_features(s["backbone"], checkpoint, records, args.split, args.out_dir, args.gather, **sizes)
+        log.info("features %s/%s: %d shards of %d parts checked, index written (%d images)", s["backbone"],
+                 args.split, len(index["shards"]), args.gather, index["n_images"])
+        return
+    if (args.part is None) != (args.parts is None):
+        raise SystemExit("give --part and --parts together (part K of N, K = 0 .. N-1)")
     configure(0, True, args.threads)
     device = _device(s["model"]["device"])
-    evaluator = _load_clip(s["model"], args.checkpoint, device)
-    index = cache_features(evaluator, s["backbone"], args.checkpoint or s["model"]["path"],
-                           load_split(args.splits, args.split), args.split, args.out_dir,
-                           shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"],
-                           num_workers=s["num_workers"], skip_broken=s["skip_broken_images"],
-                           jpeg_draft=s["jpeg_draft"], device=device,
-                           log=log.info)
+    owned = part_shards(len(shard_layout(len(records), s["shard_size"])), args.part, args.parts) if args.parts else None
+    # a part without shards (more parts than shards) only writes its marker: no backbone to load
+    evaluator = _load_clip(s["model"], args.checkpoint, device) if owned is None or len(owned) else None
+    run = dict(shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"],
+               num_workers=s["num_workers"], skip_broken=s["skip_broken_images"], jpeg_draft=s["jpeg_draft"],
+               device=device, log=log.info)
+    if owned is not None:
+        info = cache_features_part(evaluator, s["backbone"], checkpoint, records, args.split, args.out_dir,
+                                   args.part, args.parts, **run)
+        log.info("features %s/%s part %d of %d: shards %s in %.1fs", s["backbone"], args.split, args.part,
+                 args.parts, [x["file"] for x in info["shards"]] or "none", info["seconds"])
+        return
+    index = cache_features(evaluator, s["backbone"], checkpoint, records, args.split, args.out_dir, **run)
     log.info("features %s/%s: %d images, %dx%d %s in %.1fs", s["backbone"], args.split, index["n_images"],
              index["tokens"], index["dim"], index["dtype"], index["seconds"])
 
@@ -307,9 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-splits", help="Karpathy-format file -> normalised split file")
     _common(p)
-    p.add_argument("--karpathy-json", required=True)
-    p.add_argument("--image-root", required=True)
+    p.add_argument("--karpathy-json")
+    p.add_argument("--image-root")
     p.add_argument("--max-refs", type=int, default=None)
+    p.add_argument("--eval-set", metavar="NAME", help="build evaluation set NAME of evaluate.datasets instead "
+                   "(settings from --spec-json or --config)")
+    p.add_argument("--train-from", help="with --eval-set: the captioner's split file (its train split counts "
+                   "novel captions)")
+    p.add_argument("--retries", type=int, default=5, help="with --eval-set: attempts per image fetched by URL")
+    p.add_argument("--timeout", type=float, default=60.0, help="with --eval-set: seconds per image request")
+    p.add_argument("--fetch-workers", type=int, default=8, help="with --eval-set: parallel image downloads")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_prepare_splits)
 
@@ -326,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--checkpoint", help="backbone weights (default: clip_models.<backbone>.path)")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--part", type=int, help="cache only the shards of part K (0-based) of --parts (features.jobs)")
+    p.add_argument("--parts", type=int, help="number of part jobs the split is scattered over")
+    p.add_argument("--gather", type=int, metavar="N", help="check the shards of N part jobs and write index.json")
     p.set_defaults(fn=cmd_cache_features)
 
     p = sub.add_parser("cache-embeddings", help="image embeddings of a CLIP model for one split")

@@ -12,6 +12,11 @@ small captioning data set that exercises every code path of the paper's pipeline
 * a Karpathy-format split file with the same schema as COCO's `dataset_coco.json`.
 
 Deterministic from a seed: the same seed gives byte-identical JPEGs and captions.
+
+A second, out-of-domain demo set (evaluate.datasets, format demo) draws the same kind of scenes with
+`variant="backgrounds"` (backgrounds never seen in training: brown, pink, teal) or
+`variant="colours"` (shapes in colours never seen: pink, brown, cyan, lime), the demo's stand-in for
+nocaps' novel objects: the captioner and the evaluators only ever saw the training palette.
 """
 from __future__ import annotations
 
@@ -28,6 +33,13 @@ COLOURS = {
     "yellow": (235, 210, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (25, 25, 25)}
+# Out-of-domain palettes (variant): names and RGB values the training set never uses.
+UNSEEN_BACKGROUNDS = {"brown": (120, 80, 45), "pink": (240, 175, 200), "teal": (30, 125, 125)}
+UNSEEN_COLOURS = {"pink": (240, 120, 190), "brown": (130, 80, 40), "cyan": (40, 200, 220), "lime": (170, 230, 50)}
+VARIANTS = {None: (COLOURS, BACKGROUNDS), "backgrounds": (COLOURS, UNSEEN_BACKGROUNDS),
+            "colours": (UNSEEN_COLOURS, BACKGROUNDS)}
+_RGB = {**COLOURS, **UNSEEN_COLOURS}  # render() looks shape colours up here,
+_BACKGROUND_RGB = {**BACKGROUNDS, **UNSEEN_BACKGROUNDS}  # and backgrounds here
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 
@@ -59,7 +71,7 @@ class Scene:
 
 
 # -- scenes ------------------------------------------------------------------------------------
-def random_scene(rng: random.Random) -> Scene:
+def random_scene(rng: random.Random, colours: dict = COLOURS, backgrounds: dict = BACKGROUNDS) -> Scene:
     """1-3 distinct shapes placed on a 3x3 grid so that pairwise relations are unambiguous."""
     n = rng.choice((1, 2, 2, 3, 3))
     cells = rng.sample([(cx, cy) for cx in range(3) for cy in range(3)], n)
@@ -68,25 +80,25 @@ def random_scene(rng: random.Random) -> Scene:
     shapes, used = [], set()
     for cx, cy in cells:
         while True:  # no two identical (colour, shape) pairs: captions must be able to tell them apart
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            colour, shape = rng.choice(list(colours)), rng.choice(SHAPES)
             if (colour, shape) not in used:
                 used.add((colour, shape))
                 break
         jitter = lambda: rng.uniform(-0.04, 0.04)  # noqa: E731
         shapes.append(Shape(colour, shape, rng.choice(SIZES),
                             (cx + 0.5) / 3 + jitter(), (cy + 0.5) / 3 + jitter()))
-    return Scene(rng.choice(list(BACKGROUNDS)), tuple(shapes))
+    return Scene(rng.choice(list(backgrounds)), tuple(shapes))
 
 
 def render(scene: Scene, size: int) -> Image.Image:
     """Draw at 4x and downsample, for anti-aliased edges (closer to natural images than hard pixels)."""
     s = size * 4
-    im = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    im = Image.new("RGB", (s, s), _BACKGROUND_RGB[scene.background])
     draw = ImageDraw.Draw(im)
     for sh in scene.shapes:
         r = s * (0.07 if sh.size == "small" else 0.14)
         cx, cy = sh.x * s, sh.y * s
-        fill = COLOURS[sh.colour]
+        fill = _RGB[sh.colour]
         if sh.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif sh.shape == "square":
@@ -227,14 +239,17 @@ def perturb_caption(text: str, rng: random.Random) -> str | None:
 
 # -- the data set --------------------------------------------------------------------------------
 def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, image_size: int,
-                   seed: int, refs_per_image: int = 5, jpeg_quality: int = 90) -> Path:
+                   seed: int, refs_per_image: int = 5, jpeg_quality: int = 90, variant: str | None = None) -> Path:
     """Write `out_dir/images/{split}/NNNNNN.jpg` and `out_dir/dataset_demo.json` (Karpathy schema).
 
     Returns the path of the split file. The JSON is written last, so its presence means the images
-    are complete.
+    are complete. `variant` ("backgrounds" / "colours"): the out-of-domain palettes (module docstring).
     """
     from tqdm import tqdm
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown demo variant {variant!r} (one of: {', '.join(v for v in VARIANTS if v)})")
+    colours, backgrounds = VARIANTS[variant]
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     images, sentid = [], 0
@@ -244,7 +259,7 @@ def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, i
         imgid = 0
         for split, n in plan:
             for _ in range(n):
-                scene = random_scene(rng)
+                scene = random_scene(rng, colours, backgrounds)
                 refs = captions(scene, rng, refs_per_image)
                 filename = f"{imgid:06d}.jpg"
                 path = out_dir / "images" / split / filename
@@ -259,7 +274,9 @@ def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, i
                 imgid += 1
                 bar.update()
     split_file = out_dir / "dataset_demo.json"
-    write_json(split_file, {"dataset": "demo", "seed": seed, "images": images})
+    name = "demo" if variant is None else f"demo-unseen-{variant}"
+    write_json(split_file, {"dataset": name, "seed": seed, **({"variant": variant} if variant else {}),
+                            "images": images})
     return split_file
 
 

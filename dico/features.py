@@ -10,6 +10,13 @@ computed once and stored as fp16 in memory-mappable `.npy` shards:
 Shards are written atomically and the index is written last, so a killed job resumes at the first
 missing shard (a fingerprint of backbone checkpoint + image list guards against mixing shards of
 different runs) and a reader never trusts half a split.
+
+Scattered over several jobs (features.jobs: N > 1, e.g. one SLURM GPU job each): part k of N owns the
+contiguous shard numbers `part_shards(n_shards, k, N)`, keeps its own `progress.part-k-of-N.json`
+(resumable as above) and writes `part-k-of-N.json` when its shards are on disk; `gather_features`
+then checks every shard (complete, one shape and dtype, the fingerprint of this image list) and writes
+the same index.json as one job would, last. Shard numbering does not depend on N, so the shards of N
+parts are the shards of one job, byte for byte.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .data import ImageRecord, load_image
 from .io import atomic_path, read_json, remove_stale_temporaries, write_json
 
 FORMAT = "dico-features-v1"
+PART_FORMAT = "dico-features-part-v1"
 
 
 class _Images(torch.utils.data.Dataset):
@@ -57,6 +65,23 @@ def fingerprint(checkpoint: str | Path, records: list[ImageRecord], shard_size: 
     return h.hexdigest()[:16]
 
 
+def shard_layout(n_images: int, shard_size: int) -> list[dict]:
+    """The shards of a split: file name, first image and image count of each."""
+    return [{"file": f"shard_{s:05d}.npy", "start": lo, "count": min(shard_size, n_images - lo)}
+            for s, lo in enumerate(range(0, n_images, shard_size))]
+
+
+def part_shards(n_shards: int, part: int, parts: int) -> range:
+    """Shard numbers owned by part `part` of `parts`: contiguous, disjoint, covering all, sizes within one."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} does not exist: parts are numbered 0 .. {parts - 1}")
+    return range(part * n_shards // parts, (part + 1) * n_shards // parts)
+
+
+def part_marker(out_dir: str | Path, part: int, parts: int) -> Path:
+    return Path(out_dir) / f"part-{part}-of-{parts}.json"
+
+
 def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
                    split: str, out_dir: str | Path, *, shard_size: int, batch_size: int,
                    dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
@@ -74,43 +99,144 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
     `jpeg_draft` lets libjpeg decode at a reduced scale (still >= the model's input size) before the
     resize: ~1.7x cheaper decoding, pixels ~1.5/255 off CLIP's reference preprocessing, so opt-in.
     """
-    from tqdm import tqdm
+    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft)
+    layout = shard_layout(len(records), shard_size)
+    start_time = time.time()
+    done = _cache_shards(evaluator, records, split, out_dir, range(len(layout)), out_dir / "progress.json", fp,
+                         shard_size=shard_size, batch_size=batch_size, dtype=dtype, num_workers=num_workers,
+                         skip_broken=skip_broken, jpeg_draft=jpeg_draft, device=device, log=log, owns_all=True)
+    skipped = [i for s in done["shards"] for i in s["skipped"]]
+    index = _index(backbone, checkpoint, fp, split, records, done["shape"], dtype, jpeg_draft, layout, skipped,
+                   time.time() - start_time)
+    write_json(out_dir / "index.json", index)  # last: the index vouches for complete shards only
+    return index
 
+
+def cache_features_part(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
+                        split: str, out_dir: str | Path, part: int, parts: int, *, shard_size: int,
+                        batch_size: int, dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
+                        jpeg_draft: bool = False, device: str = "cpu", log=print) -> dict:
+    """Part `part` of `parts` of `cache_features`: the shards `part_shards` gives it, resumable through
+    its own progress file, then its marker `part-<part>-of-<parts>.json` (what `gather_features` reads).
+
+    A part that owns no shard (more parts than shards) writes its marker at once; `evaluator` may
+    then be None, so such a job never loads the backbone."""
+    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft)
+    marker = part_marker(out_dir, part, parts)
+    marker.unlink(missing_ok=True)  # a marker from an earlier run must not vouch while its shards are redone
+    layout = shard_layout(len(records), shard_size)
+    owned = part_shards(len(layout), part, parts)
+    start_time = time.time()
+    done = _cache_shards(evaluator, records, split, out_dir, owned,
+                         out_dir / f"progress.part-{part}-of-{parts}.json", fp, shard_size=shard_size,
+                         batch_size=batch_size, dtype=dtype, num_workers=num_workers, skip_broken=skip_broken,
+                         jpeg_draft=jpeg_draft, device=device, log=log, owns_all=False)
+    info = {"format": PART_FORMAT, "backbone": backbone, "split": split, "part": part, "parts": parts,
+            "fingerprint": fp, "dtype": dtype, "shape": list(done["shape"]) if done["shape"] else None,
+            "shards": done["shards"], "seconds": round(time.time() - start_time, 2)}
+    write_json(marker, info)  # last: the marker vouches for complete shards only
+    return info
+
+
+def gather_features(backbone: str, checkpoint: str | Path, records: list[ImageRecord], split: str,
+                    out_dir: str | Path, parts: int, *, shard_size: int, dtype: str = "float16",
+                    jpeg_draft: bool = False) -> dict:
+    """Check the shards of all `parts` part jobs and write index.json (the same as one job's, plus
+    `jobs`). Fails, naming the shard or part and the fix, if any part is missing, stale or damaged."""
+    out_dir = Path(out_dir)
+    (out_dir / "index.json").unlink(missing_ok=True)
+    fp = fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
+    layout = shard_layout(len(records), shard_size)
+    shape, skipped, seconds = None, [], 0.0
+    for part in range(parts):
+        marker = part_marker(out_dir, part, parts)
+        redo = (f"delete {marker} and rerun its cache_features job (snakemake does it; by hand: `dico "
+                f"cache-features ... --part {part} --parts {parts}`): the part recomputes only missing or "
+                "damaged shards")
+        try:
+            info = read_json(marker)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{marker} is missing: part {part} of {parts} of the features of split "
+                                    f"{split!r} has not finished; run its cache_features job (by hand: `dico "
+                                    f"cache-features ... --part {part} --parts {parts}`)") from None
+        if not isinstance(info, dict) or info.get("format") != PART_FORMAT:
+            raise ValueError(f"{marker}: not a feature part marker (format {PART_FORMAT!r}); {redo}")
+        if info.get("fingerprint") != fp:
+            raise ValueError(f"{marker}: part {part} was cached from a different backbone checkpoint, image "
+                             f"list or features settings (fingerprint {info.get('fingerprint')}, expected {fp}); "
+                             f"{redo}")
+        want = [layout[s] for s in part_shards(len(layout), part, parts)]
+        got = [{k: s.get(k) for k in ("file", "start", "count")} for s in info.get("shards", [])]
+        if got != want:
+            raise ValueError(f"{marker}: lists shards {[s['file'] for s in got]}, part {part} of {parts} owns "
+                             f"{[s['file'] for s in want]}; {redo}")
+        for s in info["shards"]:
+            problem = _shard_problem(out_dir / s["file"], s["count"], shape, dtype)
+            if problem:
+                raise ValueError(f"{out_dir / s['file']} (part {part} of {parts}) {problem}; {redo}")
+            shape = shape or tuple(np.load(out_dir / s["file"], mmap_mode="r").shape[1:])
+            skipped += s["skipped"]
+        seconds += info.get("seconds", 0.0)
+    index = _index(backbone, checkpoint, fp, split, records, shape, dtype, jpeg_draft, layout, skipped, seconds)
+    index["jobs"] = parts
+    write_json(out_dir / "index.json", index)  # last: the index vouches for complete shards only
+    return index
+
+
+def _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft) -> tuple[Path, str]:
     if not records:
         raise ValueError(f"split {split!r} has no images: nothing to cache features of")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # an index from an earlier run must not describe the shards while they are being replaced
     (out_dir / "index.json").unlink(missing_ok=True)
-    remove_stale_temporaries(out_dir)
-    fp = fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
-    progress_file = out_dir / "progress.json"
+    remove_stale_temporaries(out_dir)  # of dead processes of this host only: parallel parts are left alone
+    return out_dir, fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
+
+
+def _index(backbone, checkpoint, fp, split, records, shape, dtype, jpeg_draft, layout, skipped, seconds) -> dict:
+    return {"format": FORMAT, "backbone": backbone, "checkpoint": str(checkpoint), "fingerprint": fp,
+            "split": split, "n_images": len(records), "tokens": int(shape[0]),
+            "dim": int(shape[1]), "dtype": dtype, "jpeg_draft": jpeg_draft, "image_ids": [r.image_id for r in records],
+            "shards": layout, "skipped_images": skipped, "seconds": round(seconds, 2)}
+
+
+def _cache_shards(evaluator, records, split, out_dir: Path, owned: range, progress_file: Path, fp: str, *,
+                  shard_size, batch_size, dtype, num_workers, skip_broken, jpeg_draft, device, log,
+                  owns_all: bool) -> dict:
+    """Compute the shards `owned` that `progress_file` does not list as complete.
+
+    Returns {"shape": (T, D) or None when no shard is owned, "shards": [{"file", "start", "count",
+    "skipped"}] in order}. On a fingerprint change the owned shards are recomputed (`owns_all`: every
+    shard file of the folder is deleted, as the single job always did)."""
+    from tqdm import tqdm
+
     progress = _read_progress(progress_file)
     if progress.get("fingerprint") != fp:
-        if progress_file.exists() or any(out_dir.glob("shard_*.npy")):
+        stale = list(out_dir.glob("shard_*.npy")) if owns_all else [
+            p for s in owned if (p := out_dir / f"shard_{s:05d}.npy").exists()]
+        if progress_file.exists() or stale:
             log(f"{out_dir}: shards from a different backbone/image list/settings; recomputing them")
-        for old in out_dir.glob("shard_*.npy"):
+        for old in stale:
             old.unlink()
         progress = {"fingerprint": fp, "done": {}}
         write_json(progress_file, progress)
 
-    n_shards = (len(records) + shard_size - 1) // shard_size
-    shards, todo, skipped, done_before, shape = [], [], [], 0, None
-    for s in range(n_shards):
-        lo, hi = s * shard_size, min((s + 1) * shard_size, len(records))
-        path = out_dir / f"shard_{s:05d}.npy"
-        shards.append({"file": path.name, "start": lo, "count": hi - lo})
+    layout = shard_layout(len(records), shard_size)
+    todo, shape, done_before, owned_images = [], None, 0, 0
+    for s in owned:
+        lo, count = layout[s]["start"], layout[s]["count"]
+        owned_images += count
+        path = out_dir / layout[s]["file"]
         done = progress["done"].get(path.name)
-        found = _complete_shard_shape(path, hi - lo, shape, dtype) if done is not None else None
+        found = _complete_shard_shape(path, count, shape, dtype) if done is not None else None
         if found is not None:
             shape = found
-            skipped += done["skipped"]
-            done_before += hi - lo
+            done_before += count
         else:
-            todo.append((s, lo, hi))
+            todo.append((s, lo, lo + count))
 
-    start_time = time.time()
-    bar = tqdm(total=len(records), initial=done_before, desc=f"features {split}", unit="img", mininterval=2.0)
+    bar = tqdm(total=owned_images, initial=done_before, desc=f"features {split}", unit="img", mininterval=2.0)
     for s, lo, hi, feat_shape, ok in _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers,
                                               skip_broken, jpeg_draft, dtype, out_dir, device, bar):
         if not ok.any() and hi - lo > 1:
@@ -120,23 +246,18 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
         if shape is not None and tuple(feat_shape) != tuple(shape):
             raise RuntimeError(f"shard {s} of {out_dir} has features {feat_shape}, the others {tuple(shape)}")
         shape = shape or feat_shape
-        shard_skipped = [records[lo + i].image_id for i in np.flatnonzero(~ok)]
-        skipped += shard_skipped
-        progress["done"][f"shard_{s:05d}.npy"] = {"count": hi - lo, "skipped": shard_skipped}
+        progress["done"][f"shard_{s:05d}.npy"] = {"count": hi - lo,
+                                                  "skipped": [records[lo + i].image_id for i in np.flatnonzero(~ok)]}
         write_json(progress_file, progress)  # after the shard: a kill in between recomputes it
     bar.close()
+    shards = [{**layout[s], "skipped": progress["done"][layout[s]["file"]]["skipped"]} for s in owned]
+    skipped = [i for s in shards for i in s["skipped"]]
     if done_before:
-        log(f"resumed: {done_before} of {len(records)} images were already cached in complete shards")
+        log(f"resumed: {done_before} of {owned_images} images were already cached in complete shards")
     if skipped:
-        log(f"skipped {len(skipped)} of {len(records)} images in split {split!r} that could not be read "
+        log(f"skipped {len(skipped)} of {owned_images} images in split {split!r} that could not be read "
             f"(features.skip_broken_images; their features are zeros): {skipped[:20]}")
-    index = {"format": FORMAT, "backbone": backbone, "checkpoint": str(checkpoint), "fingerprint": fp,
-             "split": split, "n_images": len(records), "tokens": int(shape[0]),
-             "dim": int(shape[1]), "dtype": dtype, "jpeg_draft": jpeg_draft, "image_ids": [r.image_id for r in records],
-             "shards": shards, "skipped_images": skipped,
-             "seconds": round(time.time() - start_time, 2)}
-    write_json(out_dir / "index.json", index)  # last: the index vouches for complete shards only
-    return index
+    return {"shape": tuple(shape) if shape is not None else None, "shards": shards}
 
 
 def _read_progress(path: Path) -> dict:
@@ -159,6 +280,20 @@ def _complete_shard_shape(path: Path, count: int, shape=None, dtype: str | None 
     ok = (arr.ndim == 3 and arr.shape[0] == count and (shape is None or tuple(arr.shape[1:]) == tuple(shape))
           and (dtype is None or arr.dtype == np.dtype(dtype)))
     return tuple(arr.shape[1:]) if ok else None
+
+
+def _shard_problem(path: Path, count: int, shape=None, dtype: str | None = None) -> str | None:
+    """What is wrong with shard `path` (None: a complete .npy of `count` rows of `shape` and `dtype`)."""
+    if _complete_shard_shape(path, count, shape, dtype) is not None:
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, EOFError) as e:
+        return f"is truncated or not an .npy file ({e})"
+    want = f"{dtype} ({count}, {', '.join(map(str, shape)) if shape else 'T, D'})"
+    return f"holds {arr.dtype} {tuple(arr.shape)}, expected {want}"
 
 
 class _ShardBatches(torch.utils.data.Sampler):

@@ -5,6 +5,10 @@ printed x100 with one decimal, the best per column in bold, a missing metric as 
 giving the reason. A row is a list of metrics files (one per seed): several seeds print mean ± std.
 Where config/paper_reported.yaml has the paper's number, the cell adds reproduced - reported.
 
+The out-of-domain table (`ood`, config evaluate.datasets) has the runs as rows and one column group
+per extra evaluation set: C and S (the columns nocaps' evaluation and Flickr30k results report) and
+CLIP-S, PAC-S, RefPAC-S (the reference-free and PAC-based scores DiCO is about).
+
 Figures (matplotlib, PDF + PNG + provenance): training curves, the PAC-S/CLIP-S vs CIDEr trade-off,
 the ablations and a qualitative panel.
 
@@ -33,6 +37,7 @@ MAIN_COLUMNS = [("B-4", "BLEU-4"), ("M", "METEOR"), ("R", "ROUGE-L"), ("C", "CID
                 ("CLIP-S", "CLIP-S"), ("RefCLIP-S", "RefCLIP-S"), ("PAC-S", "PAC-S"), ("RefPAC-S", "RefPAC-S")]
 ABLATION_COLUMNS = [("B-4", "BLEU-4"), ("M", "METEOR"), ("C", "CIDEr"), ("CLIP-S", "CLIP-S"),
                     ("RefCLIP-S", "RefCLIP-S"), ("PAC-S", "PAC-S"), ("RefPAC-S", "RefPAC-S")]
+OOD_COLUMNS = [("C", "CIDEr"), ("S", "SPICE"), ("CLIP-S", "CLIP-S"), ("PAC-S", "PAC-S"), ("RefPAC-S", "RefPAC-S")]
 REWARD_LABELS = {"cider": "CIDEr", "clip_s": "CLIP-S", "pac_s": "PAC-S"}
 # Math mode, so the same label works in LaTeX and in matplotlib's mathtext.
 ABLATION_SYMBOLS = {"beta": r"$\beta$", "tau": r"$\tau$", "k": r"$k$", "reward": "reward"}
@@ -140,6 +145,7 @@ class Cell:
     values: list[float]              # x100, one per seed that has the metric
     reason: str | None = None        # why the metric is missing (when values is empty)
     reported: float | None = None    # the paper's number, x100
+    note_label: str | None = None    # what the missing-value note names (default: the column's metric)
 
     @property
     def mean(self):
@@ -172,6 +178,8 @@ class Table:
     rows: list[Row]
     keys: dict[str, str]     # column label -> metric name (B-4 -> BLEU-4), for notes
     notes: list[str] = field(default_factory=list)
+    groups: list[tuple[str, int]] = field(default_factory=list)  # (LaTeX title, columns) spanning the header
+    headers: dict[str, str] = field(default_factory=dict)         # column -> printed header (default: itself)
 
 
 def summarise(metrics: list[dict], key: str, reported=None) -> Cell:
@@ -180,8 +188,31 @@ def summarise(metrics: list[dict], key: str, reported=None) -> Cell:
     reason = None
     if not present:
         reasons = [(m.get("reasons") or {}).get(key) for m in metrics]
-        reason = next((r for r in reasons if r), "not computed")
+        reason = portable(next((r for r in reasons if r), "not computed"))
     return Cell(present, reason, None if reported is None else float(reported))
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/;,()'\"]+/)*[^\s/;,()'\"]+")
+
+
+def portable(text: str) -> str:
+    """`text` without this machine's absolute paths (a table goes into a paper): a path inside a Python
+    environment keeps its part from site-packages on, one under the working directory becomes relative,
+    any other keeps its last three components (enough to tell results/metrics/<run>/<split>.json apart).
+    The .provenance.json beside a table keeps the full paths."""
+    import os
+
+    cwd = os.getcwd().rstrip("/") + "/"
+
+    def shorten(m):
+        path = m.group(0)
+        if "/site-packages/" in path:
+            return "<site-packages>/" + path.split("/site-packages/", 1)[1]
+        if path.startswith(cwd):
+            return path[len(cwd):]
+        return ".../" + "/".join(path.rsplit("/", 3)[1:])
+
+    return _ABS_PATH.sub(shorten, str(text))
 
 
 def make_table(name: str, caption: str, row_header: str, rows: list[tuple[str, str, list[dict]]],
@@ -202,12 +233,16 @@ def make_table(name: str, caption: str, row_header: str, rows: list[tuple[str, s
             label += r"$^\ddagger$"
         out.append(Row(key, label, cells, metrics))
     table = Table(name, caption, row_header, [c for c, _ in columns], out, dict(columns))
-    if any(r.label.endswith(r"$^\ddagger$") for r in out):
+    _note_kept_start(table)
+    return table
+
+
+def _note_kept_start(table: Table) -> None:
+    if any(r.label.endswith(r"$^\ddagger$") for r in table.rows):
         # e.g. SCST on a CLIP reward selected by validation CIDEr: every later checkpoint scored lower,
         # so the row repeats its starting model. Say so instead of letting it pass for a result.
         table.notes.append(r"$^\ddagger$No validation improvement during fine-tuning: the selected checkpoint "
                            r"is the starting model (step 0); the training log shows the later steps.")
-    return table
 
 
 def best_step(metrics: dict) -> int | None:
@@ -226,13 +261,15 @@ def best_per_column(table: Table) -> dict[str, float | None]:
 
 
 def _missing_notes(table: Table) -> dict[tuple[str, str], str]:
-    """A footnote letter for each distinct (column, reason) of a missing value."""
+    """A footnote letter for each distinct (metric, reason) of a missing value (SPICE missing for the
+    same reason in several column groups shares one note)."""
     marks = {}
     for r in table.rows:
         for col in table.columns:
             cell = r.cells[col]
-            if cell.mean is None and (col, cell.reason) not in marks:
-                marks[(col, cell.reason)] = "abcdefghijklmnopqrstuvwxyz"[len(marks) % 26]
+            key = (cell.note_label or table.keys[col], cell.reason)
+            if cell.mean is None and key not in marks:
+                marks[key] = "abcdefghijklmnopqrstuvwxyz"[len(marks) % 26]
     return marks
 
 
@@ -252,18 +289,22 @@ def to_latex(table: Table, header: list[str] = ()) -> str:
     best, marks = best_per_column(table), _missing_notes(table)
     lines = [f"% {h}" for h in header]
     lines += [r"\begin{table}[t]", r"\centering", rf"\caption{{{table.caption}}}",
-              rf"\label{{tab:{table.name}}}", r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
-              r"\toprule", " & ".join([table.row_header] + [latex_escape(c) for c in table.columns]) + r" \\",
-              r"\midrule"]
+              rf"\label{{tab:{table.name}}}", r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule"]
+    if table.groups:  # a title over each group of columns, underlined across the group
+        lines.append(" & ".join([""] + [rf"\multicolumn{{{n}}}{{c}}{{{title}}}" for title, n in table.groups]) + r" \\")
+        starts = [2 + sum(n for _, n in table.groups[:i]) for i in range(len(table.groups))]
+        lines.append(" ".join(rf"\cmidrule(lr){{{a}-{a + n - 1}}}" for a, (_, n) in zip(starts, table.groups)))
+    lines += [" & ".join([table.row_header] + [latex_escape(table.headers.get(c, c)) for c in table.columns])
+              + r" \\", r"\midrule"]
     for r in table.rows:
         cells = []
         for col in table.columns:
             c = r.cells[col]
             bold = c.mean is not None and best[col] is not None and round(c.mean, 1) == best[col]
-            cells.append(cell_latex(c, bold, marks.get((col, c.reason))))
+            cells.append(cell_latex(c, bold, marks.get((c.note_label or table.keys[col], c.reason))))
         lines.append(" & ".join([r.label] + cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    notes = [rf"$^{{{m}}}${latex_escape(table.keys[col])}: {latex_escape(reason)}" for (col, reason), m in marks.items()]
+    notes = [rf"$^{{{m}}}${latex_escape(key)}: {latex_escape(reason)}" for (key, reason), m in marks.items()]
     for note in table.notes + notes:
         lines.append(rf"\par\smallskip{{\footnotesize {note}\par}}")
     lines.append(r"\end{table}")
@@ -280,8 +321,10 @@ def to_frame(table: Table):
     with_paper = any(c.reported is not None for c in cells)
     records = []
     for r in table.rows:
-        rec = {"row": r.key, "runs": ";".join(m["run"] for m in r.sources), "seeds": len(r.sources),
-               "best_step": ";".join(str(best_step(m)) for m in r.sources)}
+        # a row's sources: one metrics file per seed (and, in table ood, per evaluation set)
+        seeds = list({m["run"]: m for m in r.sources}.values())
+        rec = {"row": r.key, "runs": ";".join(m["run"] for m in seeds), "seeds": len(seeds),
+               "best_step": ";".join(str(best_step(m)) for m in seeds)}
         for col in table.columns:
             c = r.cells[col]
             rec[col] = _round(c.mean)
@@ -322,8 +365,8 @@ def write_table(table: Table, out_tex, command: str, reported_path=None, extra_i
     inputs += [source_record(p) for p in [*extra_inputs, reported_path] if p]
     header = [f"{out_tex.name}: written by `{command}` (dico {git_commit() or 'unknown commit'}); "
               "do not edit, rebuild it.", "inputs (path, run, seed, git commit of its evaluation):"]
-    header += [f"  {i['path']}  run={i.get('run', '-')} seed={i.get('seed', '-')} commit={i.get('git_commit', '-')}"
-               for i in inputs]
+    header += [f"  {portable(i['path'])}  run={i.get('run', '-')} seed={i.get('seed', '-')} "
+               f"commit={i.get('git_commit', '-')}" for i in inputs]
     write_text(out_tex, to_latex(table, header))
     write_text(out_tex.with_suffix(".csv"), to_frame(table).to_csv(index=False))
     prov = {"output": str(out_tex), "csv": str(out_tex.with_suffix(".csv")), "table": table.name,
@@ -395,6 +438,76 @@ def ablation_table(name: str, metrics: list[dict], spec: dict, reported: dict | 
                      f"{_scope_caption(dataset, metrics)} {_scale_caption(table)}")
     table.notes.insert(0, rf"$^\dagger$Default of DiCO ({shown_default}).")
     return table
+
+
+def ood_spec(config: dict) -> dict:
+    """What table ood needs of a validated config: row order and each evaluation set's title."""
+    return {"scst_rewards": config["scst"]["rewards"],
+            "datasets": {name: {"label": d["label"] or name, "format": d["format"],
+                                **({"variant": d["demo"]["variant"]} if d["format"] == "demo" else {})}
+                         for name, d in config["evaluate"]["datasets"].items()}}
+
+
+def ood_table(metrics: dict[str, list[dict]], spec: dict, reported: dict | None = None) -> Table:
+    """Runs as rows (the main table's order), one column group of OOD_COLUMNS per evaluation set.
+
+    `metrics`: {set name: its metrics dicts}; each must score that set (its split is the set's name).
+    A run without metrics on a set shows "--" there, with the reason."""
+    if not metrics:
+        raise ValueError("no evaluation-set metrics: evaluate.datasets is empty in the config, so table ood "
+                         "has nothing to show; add a set (workflow/schemas/config.schema.yaml, evaluate.datasets)")
+    sets_cfg = spec.get("datasets") or {}
+    names = [n for n in sets_cfg if n in metrics] + [n for n in metrics if n not in sets_cfg]
+    for name in names:
+        for m in metrics[name]:
+            if m.get("split") != name:
+                raise ValueError(f"{m['path']}: scores split {m.get('split')!r}, not evaluation set {name!r}: "
+                                 "pass --metrics NAME=PATH with the set the file belongs to")
+    by_set = {name: group_by_run(metrics[name]) for name in names}
+    runs = run_order([r for name in names for r in by_set[name]], spec.get("scst_rewards", []))
+    columns = [(f"{name}:{label}", key) for name in names for label, key in OOD_COLUMNS]
+    section = (reported or {}).get("ood", {})
+    rows = []
+    for run in runs:
+        paper = section.get(run, {})
+        unknown = set(paper) - {c for c, _ in columns}
+        if unknown:
+            raise ValueError(f"reported numbers, table ood row {run!r}: unknown columns {sorted(unknown)} "
+                             f"(columns: {', '.join(c for c, _ in columns)})")
+        cells, sources = {}, []
+        for name in names:
+            ms = by_set[name].get(run, [])
+            sources += ms
+            for label, key in OOD_COLUMNS:
+                col = f"{name}:{label}"
+                cells[col] = (summarise(ms, key, paper.get(col)) if ms else
+                              Cell([], "the run has no metrics on this set", paper.get(col),
+                                   note_label="every column of the set"))
+        label = run_label(run) + (r"$^\ddagger$" if all(best_step(m) == 0 for m in sources) else "")
+        rows.append(Row(run, label, cells, sources))
+    titles = [sets_cfg.get(n, {}).get("label", n) for n in names]
+    # keys: the metric names, so that a metric missing for one reason in every group (SPICE without
+    # its jars) gets one note
+    table = Table("ood", "", "Method", [c for c, _ in columns], rows, dict(columns),
+                  groups=[(latex_escape(t), len(OOD_COLUMNS)) for t in titles],
+                  headers={c: c.split(":", 1)[1] for c, _ in columns})
+    _note_kept_start(table)
+    table.caption = _ood_caption(names, titles, sets_cfg, metrics, table)
+    return table
+
+
+def _ood_caption(names, titles, sets_cfg, metrics, table) -> str:
+    parts = []
+    for name, title in zip(names, titles):
+        n = metrics[name][0].get("n_images") if metrics[name] else None
+        parts.append(latex_escape(title) + (f" ({n} images)" if n else ""))
+    text = ("Beyond the training data: the models of the main table captioning other data sets, one column "
+            f"group each: {', '.join(parts)}.")
+    demo = [latex_escape(t) for n, t in zip(names, titles) if sets_cfg.get(n, {}).get("format") == "demo"]
+    if demo:
+        text += (f" {', '.join(demo)}: generated demo shapes in a palette unseen in training, not a real data set; "
+                 "numbers are not comparable to the paper's.")
+    return f"{text} {_scale_caption(table)}"
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -708,6 +821,25 @@ def cmd_table_ablation(args):
     log.info("ablation %s table: %d rows -> %s", args.ablation, len(table.rows), args.out)
 
 
+def cmd_table_ood(args):
+    if args.spec_json:
+        spec = json.loads(args.spec_json)
+    else:
+        from . import config as C
+
+        spec = ood_spec(C.load(args.config))
+    per_set: dict[str, list[str]] = {}
+    for item in args.metrics:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--metrics expects SET=PATH (evaluation set name = metrics JSON), got {item!r}")
+        per_set.setdefault(name, []).append(path)
+    metrics = {name: load_metrics(paths) for name, paths in per_set.items()}
+    table = ood_table(metrics, spec, load_reported(args.reported))
+    write_table(table, args.out, "dico report table-ood", args.reported)
+    log.info("ood table: %d rows x %d sets -> %s", len(table.rows), len(metrics), args.out)
+
+
 def cmd_figure_training_curves(args):
     figure_training_curves(_by_run(args.logs, "train log"), args.out, _report_spec(args))
     log.info("training curves -> %s", args.out)
@@ -756,6 +888,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", required=True, help="test metrics JSONs of the ablation's runs")
     p.add_argument("--splits", help="split file (names the data set in the caption)")
     p.add_argument("--reported", help="YAML of the paper's numbers")
+
+    p = _target(sub, "table-ood", "out-of-domain table: runs x one column group per evaluation set", cmd_table_ood,
+                tex)
+    p.add_argument("--metrics", nargs="*", default=[], help="SET=PATH per metrics JSON of a run on evaluation set "
+                   "SET (results/metrics/<run>/ood/<SET>.json); several per run and set = seeds")
+    p.add_argument("--reported", help="YAML of the paper's numbers (section ood, columns SET:C, SET:S, ...)")
 
     p = _target(sub, "figure-training-curves", "loss and validation metrics vs step per run",
                 cmd_figure_training_curves, pdf)

@@ -211,7 +211,10 @@ def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path):
     assert [i["path"] for i in prov["inputs"]] == [str(p) for p in paths] + [str(splits)]
     assert prov["inputs"][0]["git_commit"] == "commit-xe" and prov["inputs"][0]["seed"] == 0
     assert all(len(i["sha256"]) == 64 for i in prov["inputs"])
-    assert all(f"% " in tex.split(r"\begin{table}")[0] and str(p) in tex for p in paths)
+    header = tex.split(r"\begin{table}")[0]
+    # the inputs are named in the header, without this machine's absolute paths (the table goes into a paper)
+    assert all(f"% " in header and f".../metrics/{p.parent.name}/test.json" in header for p in paths)
+    assert str(tmp_path) not in tex and str(tmp_path) not in out.with_suffix(".csv").read_text()
     assert not list(out.parent.glob(".*.tmp"))  # atomic writes leave no temporaries
 
     abl = tmp_path / "tables" / "ablation_beta.tex"
@@ -219,6 +222,92 @@ def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path):
     cli("report", "table-ablation", "--ablation", "beta", "--spec-json", json.dumps(SPEC),
         "--metrics", *files, paths[-1], "--out", abl)
     assert len(pd.read_csv(abl.with_suffix(".csv"))) == 3 and abl.with_suffix(".provenance.json").exists()
+
+
+# -- the out-of-domain table -----------------------------------------------------------------------
+OOD_SPEC = {"scst_rewards": ["cider", "clip_s", "pac_s"],
+            "datasets": {"nocaps_val": {"label": "nocaps val", "format": "coco"},
+                         "shapes_bg": {"label": "Demo, unseen backgrounds", "format": "demo", "variant": "backgrounds"}}}
+
+
+def write_ood_metrics(root, run, name, **scores):
+    """A run's metrics on evaluation set `name`, as `dico evaluate --split <name>` writes them."""
+    path = write_metrics(root, run, split=name, **scores)
+    target = Path(root) / "metrics" / run / "ood" / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
+    return target
+
+
+def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path):
+    res = tmp_path / "results"
+    cider = {"nocaps_val": {"xe": 0.40, "scst_cider": 0.55, "dico": 0.47},
+             "shapes_bg": {"xe": 0.30, "scst_cider": 0.33, "dico": 0.31}}
+    pac = {"nocaps_val": {"xe": 0.70, "scst_cider": 0.69, "dico": 0.78},
+           "shapes_bg": {"xe": 0.60, "scst_cider": 0.61, "dico": 0.66}}
+    args = []
+    for name in ["shapes_bg", "nocaps_val"]:  # given in any order: the config's order wins
+        for run in ["dico", "xe", "scst_cider"]:
+            if (name, run) != ("shapes_bg", "scst_cider"):  # one run not evaluated on one set
+                p = write_ood_metrics(res, run, name, CIDEr=cider[name][run], PAC_S=pac[name][run])
+                args.append(f"{name}={p}")
+    out = tmp_path / "tables" / "ood.tex"
+    cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", *args, "--out", out)
+    tex = out.read_text()
+    body = tex.split(r"\begin{tabular}")[1]
+    assert r"\multicolumn{5}{c}{nocaps val} & \multicolumn{5}{c}{Demo, unseen backgrounds} \\" in body
+    assert r"\cmidrule(lr){2-6} \cmidrule(lr){7-11}" in body
+    assert "Method & C & S & CLIP-S & PAC-S & RefPAC-S & C & S & CLIP-S & PAC-S & RefPAC-S" in body
+    rows = [line.split(" & ")[0] for line in body.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()]
+    assert rows == ["XE", "SCST (CIDEr)", "DiCO"]  # the paper's order, not the order given
+    # C and PAC-S of each group, x100 with one decimal, best of the group's column in bold
+    for run, label in [("xe", "XE"), ("scst_cider", "SCST (CIDEr)"), ("dico", "DiCO")]:
+        row = cells(tex, label)
+        for g, name in enumerate(["nocaps_val", "shapes_bg"]):
+            c, p_ = row[5 * g], row[5 * g + 3]
+            if run not in cider[name] or (name, run) == ("shapes_bg", "scst_cider"):
+                assert c.startswith("--") and p_.startswith("--")
+                continue
+            best_c = max(v for r, v in cider[name].items() if (name, r) != ("shapes_bg", "scst_cider"))
+            want = f"{100 * cider[name][run]:.1f}"
+            assert c == (rf"\textbf{{{want}}}" if cider[name][run] == best_c else want), (run, name, c)
+            assert p_.replace(r"\textbf{", "").rstrip("}") == f"{100 * pac[name][run]:.1f}"
+    # SPICE is missing for one reason in both groups: one note; the unevaluated cell has its own
+    assert tex.count("SPICE: " + report.latex_escape(SPICE_WHY)) == 1
+    assert tex.count("every column of the set: the run has no metrics on this set") == 1
+    assert "nocaps val (100 images)" in tex and "not a real data set" in tex
+    csv = pd.read_csv(out.with_suffix(".csv"))
+    assert list(csv["row"]) == ["xe", "scst_cider", "dico"]
+    assert list(csv["seeds"]) == [1, 1, 1] and list(csv["runs"]) == ["xe", "scst_cider", "dico"]
+    assert csv.loc[0, "nocaps_val:C"] == pytest.approx(40.0) and csv.loc[2, "shapes_bg:PAC-S"] == pytest.approx(66.0)
+    assert pd.isna(csv.loc[1, "shapes_bg:C"])
+    assert str(tmp_path) not in tex and str(tmp_path) not in out.with_suffix(".csv").read_text()
+    prov = json.loads(out.with_suffix(".provenance.json").read_text())
+    assert len(prov["inputs"]) == 5 and prov["table"] == "ood"
+
+
+def test_ood_table_refuses_a_file_of_another_set_and_no_sets(tmp_path):
+    p = write_ood_metrics(tmp_path, "xe", "nocaps_val")
+    with pytest.raises(ValueError, match="scores split 'nocaps_val', not evaluation set 'shapes_bg'"):
+        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"shapes_bg={p}",
+            "--out", tmp_path / "ood.tex")
+    with pytest.raises(ValueError, match="evaluate.datasets is empty"):
+        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", "--out", tmp_path / "ood.tex")
+    assert not (tmp_path / "ood.tex").exists()
+
+
+def test_ood_table_reported_numbers_use_set_prefixed_columns(tmp_path):
+    p = write_ood_metrics(tmp_path, "dico", "nocaps_val", CIDEr=0.5)
+    reported = tmp_path / "reported.yaml"
+    reported.write_text("tables:\n  ood:\n    dico: {nocaps_val:C: 48.0}\n")
+    out = tmp_path / "ood.tex"
+    cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
+        "--reported", reported, "--out", out)
+    assert cells(out.read_text(), "DiCO")[0] == r"50.0 {\scriptsize(+2.0)}"
+    reported.write_text("tables:\n  ood:\n    dico: {C: 48.0}\n")
+    with pytest.raises(ValueError, match=r"table ood row 'dico': unknown columns \['C'\]"):
+        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
+            "--reported", reported, "--out", out)
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -371,6 +460,48 @@ def test_report_targets_plan_only_their_own_runs(target, demo_config):
     if target == "ablation_beta":
         assert not any(r.startswith("scst_") for r in trained)
         assert [wc for rule, wc in jobs if rule == "table_ablation"] == [{"ablation": "beta"}]
+
+
+def test_ood_target_is_listed_and_plans_the_main_runs_on_every_set(tmp_path, demo_config):
+    """`snakemake ood`: the main table's runs captioned and scored on each evaluation set (its split
+    file, features and embeddings first), nothing of the ablations; the target is listed."""
+    import yaml
+
+    config = json.loads(json.dumps(demo_config))
+    config["evaluate"]["datasets"] = {"shapes_bg": {"format": "demo"}, "shapes_colour": {"format": "demo",
+                                                                                      "demo": {"variant": "colours"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    listed = subprocess.run([sys.executable, "-m", "snakemake", "--list-target-rules", "--configfile",
+                             str(tmp_path / "c.yaml")], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert "ood" in listed.stdout.split(), listed.stdout + listed.stderr
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "ood", "-n", "-F", "--nolock", "--configfile",
+                           str(tmp_path / "c.yaml")], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    main = {"xe", *(f"scst_{r}" for r in demo_config["scst"]["rewards"]), "dico"}
+    sets = {"shapes_bg", "shapes_colour"}
+    for rule in ("generate_ood", "evaluate_ood"):
+        assert {(wc["run"], wc["dataset"]) for r, wc in jobs if r == rule} == {(r, d) for r in main for d in sets}
+    assert {wc["dataset"] for r, wc in jobs if r == "prepare_ood"} == sets
+    assert {wc["dataset"] for r, wc in jobs if r == "cache_features_ood"} == sets
+    assert {(wc["name"], wc["dataset"]) for r, wc in jobs if r == "cache_embeddings_ood"} == {
+        (n, d) for n in ("clip", "pac") for d in sets}
+    assert not {r for r, _ in jobs} & {"evaluate", "generate", "table_main", "table_ablation"}
+    assert [r for r, _ in jobs if r.startswith("table_")] == ["table_ood"]
+
+
+def test_ood_target_without_sets_says_what_to_configure(tmp_path):
+    import shutil
+
+    for item in ["Snakefile", "workflow", "config", "envs"]:
+        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, tmp_path / item)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-c1", "ood"], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "evaluate.datasets is empty" in (tmp_path / "results/logs/report/table_ood.log").read_text()
 
 
 def test_report_rules_run_and_rebuild_only_on_their_inputs(tmp_path, demo_config):

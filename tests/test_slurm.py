@@ -2,10 +2,13 @@
 
 (a) `snakemake -n --profile slurm` plans the whole paper (config/paper.yaml) from the repository
     root, with GPUs requested by every GPU rule (and torchrun where a rule asks for several), and
-    `snakemake --lint --profile slurm` is clean. Runs everywhere: a dry run needs no cluster.
-(b) A real run of the demo DAG (tests/slurm/config.yaml: tiny data and models) through the local
-    one-node SLURM of .ci/slurm-up.sh with the slurm executor (tests/slurm/profile.yaml): every job
-    goes through sbatch. Skipped, with the reason, where no SLURM controller answers.
+    `snakemake --lint --profile slurm` is clean. Runs everywhere: a dry run needs no cluster. The plan
+    includes the extra evaluation sets (nocaps val, Flickr30k test), whose twin rules ask for the GPUs
+    of their originals, and features.jobs: N scatters feature caching over N GPU jobs per split.
+(b) A real run of the demo DAG (tests/slurm/config.yaml: tiny data and models, features over 2 jobs
+    per split, a second demo set out of domain) through the local one-node SLURM of .ci/slurm-up.sh
+    with the slurm executor (tests/slurm/profile.yaml): every job goes through sbatch. Skipped, with
+    the reason, where no SLURM controller answers.
 """
 import json
 import os
@@ -24,10 +27,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ["Snakefile", "workflow", "config", "envs", "slurm"]
 GPU_RULES = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
-             "generate": 1, "evaluate": 1}
+             "generate": 1, "evaluate": 1, "cache_features_ood": 1, "cache_embeddings_ood": 1, "generate_ood": 1,
+             "evaluate_ood": 1}
 STAGES = ["prepare_splits", "cache_features", "cache_embeddings", "train_xe", "train_scst", "train_dico",
           "generate", "evaluate", "table_main", "table_ablation", "figure_training_curves", "figure_tradeoff",
-          "figure_ablations", "figure_qualitative"]
+          "figure_ablations", "figure_qualitative", "prepare_ood", "generate_ood", "evaluate_ood", "table_ood"]
 
 
 def _env(**extra):
@@ -106,6 +110,18 @@ def test_profile_plans_the_whole_paper(paper_plan):
     assert counts["train_dico"] == len([r for r in runs if r.startswith("dico")]), dict(counts)
     assert counts["generate"] == counts["evaluate"] == len(runs), dict(counts)
     assert counts["table_ablation"] == len(paper["ablations"]), dict(counts)
+    # every run on each extra evaluation set, whose annotations are downloaded and split files prepared
+    sets = list(paper["evaluate"]["datasets"])
+    assert set(sets) == {"nocaps_val", "flickr30k_test"}
+    assert counts["generate_ood"] == counts["evaluate_ood"] == len(runs) * len(sets), dict(counts)
+    assert counts["prepare_ood"] == len(sets) and counts["table_ood"] == 1
+    assert {f"download_ood_{s}" for s in sets} <= downloads
+    shells = [j["shell"] for j in jobs]
+    assert any("--splits results/data/ood/nocaps_val/splits.json --split nocaps_val" in c for c in shells)
+    assert any(c.startswith("dico download zip") and "--member dataset_flickr30k.json" in c for c in shells)
+    features = {rule: {re.search(r"--split (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] == rule}
+                for rule in ("cache_features", "cache_features_ood")}
+    assert features == {"cache_features": {"train", "val", "test"}, "cache_features_ood": set(sets)}
 
 
 def test_the_paper_plan_trains_the_paper_model(paper_plan):
@@ -140,6 +156,39 @@ def test_gpu_jobs_ask_for_gpus_and_multi_gpu_jobs_use_torchrun(paper_plan):
         else:
             assert "gpu" not in res, (rule, res)  # CPU jobs stay off the GPUs
     assert seen == set(GPU_RULES), seen
+
+
+def test_features_jobs_scatter_each_split_over_gpu_jobs(tmp_path_factory, paper_plan):
+    """features.jobs: 4 on the paper: 4 cache_features GPU jobs per split on disjoint shard ranges
+    (--part k --parts 4), then one gather_features per split on the submit host, without a GPU."""
+    root, _ = paper_plan
+    extra = tmp_path_factory.mktemp("jobs") / "jobs4.yaml"
+    extra.write_text("features: {jobs: 4}\n")
+    out = _snakemake("-n", "--profile", "slurm", "--configfile", "config/paper.yaml", str(extra), cwd=root,
+                     env=_env(DICO_CONDA="auto"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    jobs = _jobs(out.stdout + out.stderr)
+    splits = {"train", "val", "test", "nocaps_val", "flickr30k_test"}
+    parts = [j for j in jobs if j["rule"] == "cache_features"]
+    got = sorted((re.search(r"--split (\S+)", j["shell"]).group(1), re.search(r"--part (\d+) --parts 4", j["shell"]).group(1))
+                 for j in parts)
+    assert got == sorted((s, str(k)) for s in splits for k in range(4))
+    assert all(j["resources"].get("gpu") == "1" for j in parts)
+    gathers = [j for j in jobs if j["rule"] == "gather_features"]
+    assert len(gathers) == len(splits) and all("gpu" not in j["resources"] and "--gather 4" in j["shell"]
+                                                for j in gathers)
+
+
+def test_twin_rules_get_the_gpus_of_their_originals(paper_plan):
+    """generate_official / evaluate_dico_official (and the _ood twins above) are `use rule` copies with
+    their own names; the profile's set-resources for generate / evaluate must reach them."""
+    root, _ = paper_plan
+    out = _snakemake("-n", "--profile", "slurm", "evaluate_official", cwd=root, env=_env(DICO_CONDA="auto"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    jobs = {j["rule"]: j for j in _jobs(out.stdout + out.stderr)}
+    for twin in ("generate_official", "evaluate_dico_official"):
+        res = jobs[twin]["resources"]
+        assert res.get("gpu") == "1" and int(res["cpus_per_gpu"]) >= 4 and int(res["mem_mb"]) >= 16000, (twin, res)
 
 
 def test_lint_is_clean_with_the_slurm_profile(paper_plan):
@@ -230,8 +279,29 @@ def test_demo_dag_runs_through_local_slurm(tmp_path):
     # the results of the whole DAG
     for path in ["results/tables/main.tex", "results/tables/ablation_beta.tex", "results/figures/tradeoff.pdf",
                  "results/figures/training_curves.pdf", "results/metrics/xe/test.json",
-                 "results/metrics/scst_cider/test.json", "results/metrics/dico/test.json"]:
+                 "results/metrics/scst_cider/test.json", "results/metrics/dico/test.json",
+                 "results/tables/ood.tex", "results/tables/ood.csv"]:
         assert (root / path).stat().st_size > 0, path
+
+    # the out-of-domain path: every run captioned and scored on the second demo set, table ood built
+    config = yaml.safe_load((ROOT / "tests" / "slurm" / "config.yaml").read_text())
+    (name,) = config["evaluate"]["datasets"]
+    n = config["evaluate"]["datasets"][name]["demo"]["n_images"]
+    for run in ("xe", "scst_cider", "dico"):
+        m = json.loads((root / "results" / "metrics" / run / "ood" / f"{name}.json").read_text())
+        assert m["split"] == name and m["n_images"] == n and m["run"] == run
+        assert len(json.loads((root / "results" / "captions" / run / "ood" / f"{name}.json").read_text())) == n
+    ood = root / "results" / "tables" / "ood.tex"
+    assert config["evaluate"]["datasets"][name]["label"] in ood.read_text()
+    assert [line.split(" & ")[0] for line in ood.read_text().splitlines() if line.startswith(("XE", "SCST", "DiCO"))] \
+        and len(__import__("pandas").read_csv(ood.with_suffix(".csv"))) == 3
+    assert str(root) not in ood.read_text() and str(root) not in ood.with_suffix(".csv").read_text()
+
+    # features.jobs: 2: each split cached by 2 part jobs (sbatch), gathered into one index per split
+    for split in ("train", "val", "test", f"ood/{name}"):
+        index = json.loads((root / "results" / "features" / "clip" / split / "index.json").read_text())
+        assert index["jobs"] == 2 and index["n_images"] == sum(s["count"] for s in index["shards"]), split
+    assert len(re.findall(r"^localrule gather_features:", text, re.M)) == 4
 
     # every job but the local target rules went through sbatch, each with its own SLURM log
     planned = dict((r, int(n)) for r, n in re.findall(r"^(\w+)\s+(\d+)$", text.split("Job stats:")[1], re.M))
@@ -240,7 +310,10 @@ def test_demo_dag_runs_through_local_slurm(tmp_path):
     logs = {p.stem: p for p in (root / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert set(submitted.values()) <= set(logs), set(submitted.values()) - set(logs)
     rules_in_slurm = {p.relative_to(root / ".snakemake" / "slurm_logs").parts[0] for p in logs.values()}
-    assert {f"rule_{r}" for r in GPU_RULES} <= rules_in_slurm, rules_in_slurm
+    # (features.jobs: 2 here: the part jobs are rule cache_features, there is no cache_features_ood)
+    assert {f"rule_{r}" for r in GPU_RULES if r != "cache_features_ood"} <= rules_in_slurm, rules_in_slurm
+    part_logs = [p for p in logs.values() if "rule_cache_features" in p.parts]
+    assert len(part_logs) == 8  # 4 splits x 2 parts, each its own SLURM job
 
     # train_dico asked for 2 (fake) GPUs and ran as 2 torchrun processes
     dico_log = next(p for p in logs.values() if "rule_train_dico" in p.parts)

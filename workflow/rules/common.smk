@@ -5,15 +5,26 @@ import json
 import re
 
 from dico import config as dc
+from dico import data as dd
 
 
 dc.validate(config, "config")
+try:
+    dd.check_eval_sets(config)
+except ValueError as e:
+    raise dc.ConfigError(f"config: {e}") from None
 
 RUNS = dc.runs(config)
 FINETUNE_RUNS = [r for r in RUNS if r != "xe"]
 BACKBONE = config["features"]["backbone"]
 EVAL_SPLITS = config["evaluate"]["splits"]
 ABLATIONS = dc.ablation_runs(config)
+# Extra evaluation sets (evaluate.datasets): their features and embeddings live under .../ood/<name>
+# (the {dataset} wildcard), each from the set's own split file.
+OOD_SETS = list(config["evaluate"]["datasets"])
+FEATURE_JOBS = config["features"]["jobs"]
+# {split} of the rules that serve COCO's splits and the sets alike (feature part jobs, the gather)
+ANY_SPLIT = "train|val|test" + "".join(f"|ood/{re.escape(d)}" for d in OOD_SETS)
 
 
 wildcard_constraints:
@@ -21,6 +32,7 @@ wildcard_constraints:
     run="|".join(map(re.escape, RUNS)),
     name="|".join(config["clip_models"]) or "none",
     reward="|".join(config["scst"]["rewards"]) or "none",
+    dataset="|".join(map(re.escape, OOD_SETS)) or "none",
 
 
 def spec(obj):
@@ -65,6 +77,46 @@ def splits_file():
 
 def features_index(split):
     return f"results/features/{BACKBONE}/{split}/index.json"
+
+
+def feature_parts(split):
+    """The part markers of a split's features when features.jobs > 1 (rule gather_features' inputs)."""
+    return [f"results/features/{BACKBONE}/{split}/part-{k}-of-{FEATURE_JOBS}.json" for k in range(FEATURE_JOBS)]
+
+
+def ood_splits_file(name):
+    return f"results/data/ood/{name}/splits.json"
+
+
+def split_source(split):
+    """(split file, split name inside it) of a {split} wildcard: COCO's train/val/test, or ood/<name>
+    for an evaluation set, whose split file holds one split called <name>."""
+    if split.startswith("ood/"):
+        return ood_splits_file(split[4:]), split[4:]
+    return splits_file(), split
+
+
+def ood_captions(run, name):
+    return f"results/captions/{run}/ood/{name}.json"
+
+
+def ood_metrics(run, name):
+    return f"results/metrics/{run}/ood/{name}.json"
+
+
+def all_ood_metrics(runs=None):
+    return [ood_metrics(r, d) for r in (runs or RUNS) for d in OOD_SETS]
+
+
+def ood_inputs(wildcards):
+    """prepare_ood's input: the set's annotations file (a demo set is generated: none)."""
+    entry = config["evaluate"]["datasets"][wildcards.dataset]
+    return {"annotations": entry["annotations"]} if entry["format"] != "demo" else {}
+
+
+def split_inputs(wildcards):
+    """The feature part jobs' and gather's inputs: the split file of {split}, and the backbone."""
+    return {"splits": split_source(wildcards.split)[0], "checkpoint": clip_model_path(BACKBONE)}
 
 
 def embeddings_file(name, split):
@@ -130,6 +182,26 @@ def evaluate_args(wildcards, input):
     return " ".join(args)
 
 
+def evaluate_ood_inputs(wildcards):
+    files = {
+        "captions": [ood_captions(wildcards.run, wildcards.dataset)],
+        "model": f"results/runs/{wildcards.run}/model.pt",
+        "splits": ood_splits_file(wildcards.dataset),
+        "train_splits": splits_file(),
+    }
+    for n in EVAL_MODELS:
+        files[f"ckpt_{n}"] = clip_model_path(n)
+        files[f"emb_{n}"] = embeddings_file(n, f"ood/{wildcards.dataset}")
+    return files
+
+
+def evaluate_ood_args(wildcards, input):
+    return " ".join(
+        f"--clip-model {n}={input[f'ckpt_{n}']} --embeddings {n}:{wildcards.dataset}={input[f'emb_{n}']}"
+        for n in EVAL_MODELS
+    )
+
+
 def metrics_file(run, split):
     return f"results/metrics/{run}/{split}.json"
 
@@ -144,6 +216,7 @@ def ablation_metrics(name):
 
 MAIN_RUNS = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
 TABLES = ["results/tables/main.tex"] + [f"results/tables/ablation_{a}.tex" for a in ABLATIONS]
+TABLES += ["results/tables/ood.tex"] if OOD_SETS else []
 FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
 FIGURES = [f"results/figures/{f}.pdf" for f in FIGURE_NAMES]
 
@@ -202,9 +275,15 @@ def coco_image_dirs():
     return [ancient(f"{image_root()}/{part}") for part in config["data"]["downloads"]["coco_images"]]
 
 
+def ood_downloads():
+    """{name: entry} of the evaluation sets whose annotations a download rule fetches (url set)."""
+    return {n: d for n, d in config["evaluate"]["datasets"].items() if d["format"] != "demo" and d["url"]}
+
+
 def download_targets():
     """Every file or folder a download rule makes (target download_all)."""
     files = [m["path"] for m in clip_downloads().values()]
+    files += [d["annotations"] for d in ood_downloads().values()]
     if config["data"]["source"] == "karpathy":
         files += [config["data"]["karpathy_json"]]
         files += [f"{image_root()}/{part}" for part in config["data"]["downloads"]["coco_images"]]
@@ -212,3 +291,32 @@ def download_targets():
 
 
 OFFICIAL_RUN = "dico_official"
+
+
+# -- twin rules ask the cluster for what their original asks for ---------------------------------
+# A `use rule ... as` copy (generate_ood, generate_official, ...) has a new name, and a profile's
+# set-resources / set-threads are keyed by name. Without this, the copies of the GPU rules would get
+# the default resources (no GPU) under --profile slurm; an explicit entry for a copy in the profile
+# still wins. Snakemake reads these settings as it defines each rule, so this runs before any is.
+RESOURCE_TWINS = {
+    "cache_features_ood": "cache_features",
+    "cache_embeddings_ood": "cache_embeddings",
+    "generate_ood": "generate",
+    "evaluate_ood": "evaluate",
+    "generate_official": "generate",
+    "evaluate_dico_official": "evaluate",
+}
+
+
+def share_profile_resources(twins):
+    settings = workflow.resource_settings
+    for field in ("overwrite_resources", "overwrite_threads"):
+        mapping = dict(getattr(settings, field) or {})
+        for twin, base in twins.items():
+            if base in mapping and twin not in mapping:
+                mapping[twin] = mapping[base]
+        setattr(settings, field, mapping)
+        settings.__dict__.pop(f"_parsed_{field}", None)  # a cached parse of the old mapping, if any
+
+
+share_profile_resources(RESOURCE_TWINS)

@@ -75,6 +75,41 @@ if config["data"]["source"] == "karpathy":
                 "dico download zip {params.source} --out {output} > {log} 2>&1"
 
 
+# The annotations of the extra evaluation sets (evaluate.datasets.<name>.url): a file, or one entry
+# of a zip (Flickr30k / Flickr8k: Karpathy's caption_datasets.zip, fetched to an archive of its own so
+# that it never shares a .part file with download_karpathy). Their images: see prepare_ood.
+for _name, _set in ood_downloads().items():
+
+    rule:
+        name:
+            f"download_ood_{_name}"
+        output:
+            _set["annotations"],
+        params:
+            kind="zip" if _set["member"] else "file",
+            source=download_args(
+                _set["url"],
+                _set["sha256"],
+                **(
+                    {
+                        "archive": f"{config['data']['downloads']['archive_dir']}/ood_{_name}.zip",
+                        "member": _set["member"],
+                        "keep_archive": config["data"]["downloads"]["keep_archives"],
+                    }
+                    if _set["member"]
+                    else {}
+                ),
+            ),
+        localrule: True
+        retries: 2
+        log:
+            f"results/logs/download/ood_{_name}.log",
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "dico download {params.kind} {params.source} --out {output} > {log} 2>&1"
+
+
 rule download_all:
     input:
         download_targets(),

@@ -42,3 +42,34 @@ rule evaluate:
         "dico evaluate --spec-json {params.spec:q} --run {wildcards.run} --captions {input.captions}"
         " --splits {input.splits} --split {params.splits} {params.models}"
         " --model-checkpoint {input.model} --out {output} --threads {threads} > {log} 2>&1"
+
+
+# The extra evaluation sets (evaluate.datasets): every run captioned and scored on each, one job per
+# run and set, by the same commands as above (use rule: one shell line to keep right). The set's
+# split file links COCO's train split (dico.data, splits_from): % novel counts against the captions
+# the model was trained on.
+use rule generate as generate_ood with:
+    input:
+        model="results/runs/{run}/model.pt",
+        splits=lambda wc: ood_splits_file(wc.dataset),
+        features=lambda wc: features_index(f"ood/{wc.dataset}"),
+    output:
+        ood_captions("{run}", "{dataset}"),
+    params:
+        spec=spec(dc.generate_spec(config)),
+        splits=lambda wc: wc.dataset,
+    log:
+        "results/logs/generate/ood/{dataset}/{run}.log",
+
+
+use rule evaluate as evaluate_ood with:
+    input:
+        unpack(evaluate_ood_inputs),
+    output:
+        ood_metrics("{run}", "{dataset}"),
+    params:
+        spec=spec(dc.evaluate_spec(config)),
+        models=evaluate_ood_args,
+        splits=lambda wc: wc.dataset,
+    log:
+        "results/logs/evaluate/ood/{dataset}/{run}.log",
