@@ -102,7 +102,7 @@ def cmd_cache_features(args):
     s = _spec(args, C.features_spec)
     records = load_split(args.splits, args.split)
     checkpoint = args.checkpoint or s["model"]["path"]
-    sizes = dict(shard_size=s["shard_size"], dtype=s["dtype"], jpeg_draft=s["jpeg_draft"])
+    sizes = dict(shard_size=s["shard_size"], dtype=s["dtype"], jpeg_draft=s["jpeg_draft"], amp=s["amp"])
     if args.gather:
         index = gather_features(s["backbone"], checkpoint, records, args.split, args.out_dir, args.gather, **sizes)
         log.info("features %s/%s: %d shards of %d parts checked, index written (%d images)", s["backbone"],
@@ -115,7 +115,7 @@ def cmd_cache_features(args):
     owned = part_shards(len(shard_layout(len(records), s["shard_size"])), args.part, args.parts) if args.parts else None
     # a part without shards (more parts than shards) only writes its marker: no backbone to load
     evaluator = _load_clip(s["model"], args.checkpoint, device) if owned is None or len(owned) else None
-    run = dict(shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"],
+    run = dict(shard_size=s["shard_size"], batch_size=s["batch_size"], dtype=s["dtype"], amp=s["amp"],
                num_workers=s["num_workers"], skip_broken=s["skip_broken_images"], jpeg_draft=s["jpeg_draft"],
                device=device, log=log.info)
     if owned is not None:

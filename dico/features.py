@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .data import ImageRecord, load_image
+from . import runtime
 from .io import atomic_path, read_json, remove_stale_temporaries, write_json
 
 FORMAT = "dico-features-v1"
@@ -85,7 +86,7 @@ def part_marker(out_dir: str | Path, part: int, parts: int) -> Path:
 def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
                    split: str, out_dir: str | Path, *, shard_size: int, batch_size: int,
                    dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
-                   jpeg_draft: bool = False, device: str = "cpu", log=print) -> dict:
+                   jpeg_draft: bool = False, amp: str = "fp16", device: str = "cpu", log=print) -> dict:
     """Compute and store grid features of `records`; resume at the first missing shard.
 
     `progress.json` records the fingerprint and, per finished shard, the images skipped in it; a
@@ -99,12 +100,12 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
     `jpeg_draft` lets libjpeg decode at a reduced scale (still >= the model's input size) before the
     resize: ~1.7x cheaper decoding, pixels ~1.5/255 off CLIP's reference preprocessing, so opt-in.
     """
-    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft)
+    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft, amp)
     layout = shard_layout(len(records), shard_size)
     start_time = time.time()
     done = _cache_shards(evaluator, records, split, out_dir, range(len(layout)), out_dir / "progress.json", fp,
                          shard_size=shard_size, batch_size=batch_size, dtype=dtype, num_workers=num_workers,
-                         skip_broken=skip_broken, jpeg_draft=jpeg_draft, device=device, log=log, owns_all=True)
+                         skip_broken=skip_broken, jpeg_draft=jpeg_draft, amp=amp, device=device, log=log, owns_all=True)
     skipped = [i for s in done["shards"] for i in s["skipped"]]
     index = _index(backbone, checkpoint, fp, split, records, done["shape"], dtype, jpeg_draft, layout, skipped,
                    time.time() - start_time)
@@ -115,13 +116,13 @@ def cache_features(evaluator, backbone: str, checkpoint: str | Path, records: li
 def cache_features_part(evaluator, backbone: str, checkpoint: str | Path, records: list[ImageRecord],
                         split: str, out_dir: str | Path, part: int, parts: int, *, shard_size: int,
                         batch_size: int, dtype: str = "float16", num_workers: int = 0, skip_broken: bool = False,
-                        jpeg_draft: bool = False, device: str = "cpu", log=print) -> dict:
+                        jpeg_draft: bool = False, amp: str = "fp16", device: str = "cpu", log=print) -> dict:
     """Part `part` of `parts` of `cache_features`: the shards `part_shards` gives it, resumable through
     its own progress file, then its marker `part-<part>-of-<parts>.json` (what `gather_features` reads).
 
     A part that owns no shard (more parts than shards) writes its marker at once; `evaluator` may
     then be None, so such a job never loads the backbone."""
-    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft)
+    out_dir, fp = _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft, amp)
     marker = part_marker(out_dir, part, parts)
     marker.unlink(missing_ok=True)  # a marker from an earlier run must not vouch while its shards are redone
     layout = shard_layout(len(records), shard_size)
@@ -130,7 +131,7 @@ def cache_features_part(evaluator, backbone: str, checkpoint: str | Path, record
     done = _cache_shards(evaluator, records, split, out_dir, owned,
                          out_dir / f"progress.part-{part}-of-{parts}.json", fp, shard_size=shard_size,
                          batch_size=batch_size, dtype=dtype, num_workers=num_workers, skip_broken=skip_broken,
-                         jpeg_draft=jpeg_draft, device=device, log=log, owns_all=False)
+                         jpeg_draft=jpeg_draft, amp=amp, device=device, log=log, owns_all=False)
     info = {"format": PART_FORMAT, "backbone": backbone, "split": split, "part": part, "parts": parts,
             "fingerprint": fp, "dtype": dtype, "shape": list(done["shape"]) if done["shape"] else None,
             "shards": done["shards"], "seconds": round(time.time() - start_time, 2)}
@@ -140,12 +141,12 @@ def cache_features_part(evaluator, backbone: str, checkpoint: str | Path, record
 
 def gather_features(backbone: str, checkpoint: str | Path, records: list[ImageRecord], split: str,
                     out_dir: str | Path, parts: int, *, shard_size: int, dtype: str = "float16",
-                    jpeg_draft: bool = False) -> dict:
+                    jpeg_draft: bool = False, amp: str = "fp16") -> dict:
     """Check the shards of all `parts` part jobs and write index.json (the same as one job's, plus
     `jobs`). Fails, naming the shard or part and the fix, if any part is missing, stale or damaged."""
     out_dir = Path(out_dir)
     (out_dir / "index.json").unlink(missing_ok=True)
-    fp = fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
+    fp = fingerprint(checkpoint, records, shard_size, _settings(dtype, jpeg_draft, amp))
     layout = shard_layout(len(records), shard_size)
     shape, skipped, seconds = None, [], 0.0
     for part in range(parts):
@@ -183,7 +184,13 @@ def gather_features(backbone: str, checkpoint: str | Path, records: list[ImageRe
     return index
 
 
-def _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft) -> tuple[Path, str]:
+def _settings(dtype: str, jpeg_draft: bool, amp: str) -> str:
+    """The feature settings a fingerprint covers: storage dtype, JPEG draft decoding, and the autocast
+    of the backbone on a GPU when it is not fp16 (the official precision; CPU always runs fp32)."""
+    return dtype + (":draft" if jpeg_draft else "") + (f":amp-{amp}" if amp != "fp16" else "")
+
+
+def _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft, amp) -> tuple[Path, str]:
     if not records:
         raise ValueError(f"split {split!r} has no images: nothing to cache features of")
     out_dir = Path(out_dir)
@@ -191,7 +198,7 @@ def _prepare(records, split, out_dir, checkpoint, shard_size, dtype, jpeg_draft)
     # an index from an earlier run must not describe the shards while they are being replaced
     (out_dir / "index.json").unlink(missing_ok=True)
     remove_stale_temporaries(out_dir)  # of dead processes of this host only: parallel parts are left alone
-    return out_dir, fingerprint(checkpoint, records, shard_size, dtype + (":draft" if jpeg_draft else ""))
+    return out_dir, fingerprint(checkpoint, records, shard_size, _settings(dtype, jpeg_draft, amp))
 
 
 def _index(backbone, checkpoint, fp, split, records, shape, dtype, jpeg_draft, layout, skipped, seconds) -> dict:
@@ -202,7 +209,7 @@ def _index(backbone, checkpoint, fp, split, records, shape, dtype, jpeg_draft, l
 
 
 def _cache_shards(evaluator, records, split, out_dir: Path, owned: range, progress_file: Path, fp: str, *,
-                  shard_size, batch_size, dtype, num_workers, skip_broken, jpeg_draft, device, log,
+                  shard_size, batch_size, dtype, num_workers, skip_broken, jpeg_draft, amp, device, log,
                   owns_all: bool) -> dict:
     """Compute the shards `owned` that `progress_file` does not list as complete.
 
@@ -238,7 +245,7 @@ def _cache_shards(evaluator, records, split, out_dir: Path, owned: range, progre
 
     bar = tqdm(total=owned_images, initial=done_before, desc=f"features {split}", unit="img", mininterval=2.0)
     for s, lo, hi, feat_shape, ok in _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers,
-                                              skip_broken, jpeg_draft, dtype, out_dir, device, bar):
+                                              skip_broken, jpeg_draft, dtype, amp, out_dir, device, bar):
         if not ok.any() and hi - lo > 1:
             raise ValueError(f"none of the {hi - lo} images {records[lo].path} ... {records[hi - 1].path} "
                              f"(split {split!r}) could be read; check data.image_root in the config "
@@ -312,7 +319,7 @@ class _ShardBatches(torch.utils.data.Sampler):
 
 @torch.no_grad()
 def _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers, skip_broken, jpeg_draft,
-             dtype, out_dir, device, bar):
+             dtype, amp, out_dir, device, bar):
     """Yield (shard, lo, hi, feature shape, ok mask) for each shard of `todo` once it is on disk.
 
     A shard is written into a temporary `.npy` memory map and renamed onto its final name when its
@@ -331,7 +338,8 @@ def _compute(evaluator, records, todo, split, shard_size, batch_size, num_worker
             s = int(idx[0]) // shard_size
             lo, hi = shard_of[s]
             pixels = pixels.to(device, non_blocking=True)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+            # features.amp: the frozen backbone's precision on a GPU (official: the whole model in fp16)
+            with runtime.autocast(device, amp):
                 feats = evaluator.grid_features(pixels)
             feats = feats.to(torch.float32 if dtype == "float32" else torch.float16).cpu()
             feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented

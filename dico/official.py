@@ -165,7 +165,10 @@ def _read_release(src: Path, trusted: bool) -> tuple[dict, dict | None]:
     if src.is_file() and _is_archive(src):
         near = src.parent if os.access(src.parent, os.W_OK) else None  # /tmp may be too small for 1.5 GB
         with tempfile.TemporaryDirectory(prefix=".official-", dir=near) as tmp:
-            return _read_release(_unpack(src, Path(tmp)), trusted)
+            try:
+                return _read_release(_unpack(src, Path(tmp)), trusted)
+            except ValueError as e:  # name the archive the user has, not the temporary it was unpacked to
+                raise ValueError(f"{src}: {str(e).replace(tmp + os.sep, '')}") from None
     if src.is_dir():
         weights, config = _find(src, WEIGHT_FILES), _find(src, ["config.json"])
         if weights is None:

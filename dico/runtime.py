@@ -147,9 +147,12 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, log=print) -> torch.nn.
 
 
 def rng_state() -> dict:
+    """Every generator's state. On a GPU only the current device's (the rank's own, selected by
+    Dist.setup): asking for all devices would create a CUDA context on every GPU of the node in
+    every rank."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -158,7 +161,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class EpochSampler:

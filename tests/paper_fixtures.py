@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import random
 import threading
 import zipfile
@@ -191,7 +192,35 @@ def build_inputs(root: Path) -> dict[str, Path]:
     files["clip_l14"] = write_openai_checkpoint(root / "ViT-L-14.pt", ARCH["clip_l14"], seed=1)
     files["clip"] = write_openai_checkpoint(root / "ViT-B-32.pt", ARCH["clip"], seed=2)
     files["pac"] = write_pacs_checkpoint(root / "clip_ViT-B-32.pth", ARCH["pac"], seed=3)
+    files["official"] = write_official_release(root / "dico-ViTL14.zip", seed=4)
     return files
+
+
+def write_official_release(path: Path, seed: int) -> Path:
+    """The released DiCO checkpoint at the paper's shapes, built with the real transformers classes
+    (tests/hf_reference.py: BertModel + GPT2LMHeadModel with cross-attention + the bridge, config.json
+    in the official VisionEncoderDecoder schema), zipped as a save_pretrained folder on a Drive. Its
+    weights file pickles a training-arguments object next to the tensors, as DeepSpeed checkpoints
+    do, so the rehearsal walks the guarded path: refused unpinned, read when official.sha256 pins it."""
+    import argparse
+    import zipfile
+
+    import torch
+
+    from dico.model import CaptionerConfig
+    from dico.tokenizer import CLIP_BOS, CLIP_EOS, CLIP_PAD, CLIP_VOCAB
+    from hf_reference import write_release
+
+    cfg = CaptionerConfig(feat_dim=1024, vocab_size=CLIP_VOCAB, pad_id=CLIP_PAD, bos_id=CLIP_BOS, eos_id=CLIP_EOS)
+    folder = write_release(path.with_suffix(""), cfg, seed=seed)
+    weights = folder / "pytorch_model.bin"
+    sd = torch.load(weights, weights_only=True)
+    torch.save({"module": sd, "args": argparse.Namespace(fp16=True, zero_stage=2)}, weights)
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"{path.stem}/{f.name}")
+    shutil.rmtree(folder)
+    return path
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -300,5 +329,5 @@ def served_files(srv: LoopbackServer, files: dict[str, Path]) -> dict:
     cfg["data"]["downloads"]["karpathy"]["sha256"] = sha256(files["karpathy"])
     for name in ("clip_l14", "clip", "pac"):
         cfg["clip_models"][name]["sha256"] = sha256(files[name])
-    # the released DiCO checkpoint (official.url / official.sha256) joins here with its builder
+    cfg["official"] = {"url": srv.add_drive("dico-vitl14", files["official"]), "sha256": sha256(files["official"])}
     return cfg

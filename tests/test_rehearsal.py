@@ -34,6 +34,7 @@ WORKFLOW = ["Snakefile", "workflow", "config", "envs"]
 CONFIGS = ["config/paper.yaml", "config/rehearsal.yaml"]
 METRIC_KEYS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"]
 RUNS = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]  # paper runs; the 1-value grid adds none
+SCORED = RUNS + ["dico_official"]  # + the released checkpoint, converted and scored like a run
 TRAIN_RULES = ("train_xe", "train_scst", "train_dico")
 
 # What config/rehearsal.yaml may change: counts (how many, how often, how much at once) and the
@@ -164,8 +165,9 @@ def rehearsal(paper_inputs, tmp_path_factory):
     with F.LoopbackServer() as srv:
         (work / "config" / "rehearsal_urls.yaml").write_text(yaml.safe_dump(F.served_files(srv, paper_inputs)))
         t0, load0, cpu0 = time.time(), os.getloadavg()[0], _children_cpu_s()
-        out = _snakemake("--cores", "2", "-p", "--show-failed-logs", "--configfile", *CONFIGS,
-                         "config/rehearsal_urls.yaml", cwd=work, timeout=3600)
+        # targets first: --configfile takes every value after it
+        out = _snakemake("all", "evaluate_official", "--cores", "2", "-p", "--show-failed-logs", "--configfile",
+                         *CONFIGS, "config/rehearsal_urls.yaml", cwd=work, timeout=3600)
         wall, load1, cpu = time.time() - t0, os.getloadavg()[0], _children_cpu_s() - cpu0
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-8000:]
@@ -189,10 +191,12 @@ def rehearsal(paper_inputs, tmp_path_factory):
 def test_every_download_came_from_the_loopback_server(rehearsal):
     work, log, requests = rehearsal
     for path in ("/zips/train2014.zip", "/zips/val2014.zip", "/people/karpathy/deepimagesent/caption_datasets.zip",
-                 "/clip/models/l14/ViT-L-14.pt", "/clip/models/b32/ViT-B-32.pt", "/drive/uc", "/drive/download"):
+                 "/clip/models/l14/ViT-L-14.pt", "/clip/models/b32/ViT-B-32.pt"):
         assert requests.count(path) == 1, (path, requests)
+    for path in ("/drive/uc", "/drive/download"):  # PAC-S and the DiCO release, each behind Drive's page
+        assert requests.count(path) == 2, (path, requests)
     for rule in ("download_coco_train2014", "download_coco_val2014", "download_karpathy", "download_clip_l14",
-                 "download_clip", "download_pac"):
+                 "download_clip", "download_pac", "download_official", "convert_official"):
         assert re.search(rf"rule {rule}:", log), rule
     images = F.coco_images()
     for part in ("train2014", "val2014"):  # unpacked in COCO's layout, one folder level
@@ -250,7 +254,7 @@ def test_checkpoints_are_the_official_captioner_with_clips_full_vocabulary(rehea
     work, _, _ = rehearsal
     want = _paper_captioner_config()
     assert want["vocab_size"] == 49409 and want["feat_dim"] == 1024
-    for run in RUNS:
+    for run in SCORED:
         payload = torch.load(work / "results" / "runs" / run / "model.pt", map_location="cpu", weights_only=False)
         assert payload["model_config"] == want, run
         assert payload["backbone"] == {"name": "clip_l14", "dim": 1024, "tokens": 257}, run
@@ -301,7 +305,7 @@ def test_beams_are_batch_by_5_by_at_most_30(rehearsal):
 def test_metrics_are_complete_with_provenance(rehearsal):
     work, _, _ = rehearsal
     n = {"val": 5, "test": 5}
-    for run in RUNS:
+    for run in SCORED:
         for split in ("val", "test"):
             m = json.loads((work / "results" / "metrics" / run / f"{split}.json").read_text())
             assert list(m["metrics"]) == METRIC_KEYS and m["n_images"] == n[split], (run, split)
@@ -323,3 +327,20 @@ def test_tables_and_figures_are_built(rehearsal):
     for fig in ("training_curves", "tradeoff", "ablations", "qualitative"):
         assert (res / "figures" / f"{fig}.pdf").stat().st_size > 1000, fig
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
+
+
+@pytest.mark.slow
+def test_the_release_pickle_is_read_only_because_its_sha256_is_pinned(rehearsal):
+    """The served release pickles an object besides its tensors (tests/paper_fixtures.py). The run above
+    converted it because the config pins its sha256; with the pin removed the same conversion must
+    refuse it, naming the file and both ways to allow it (files from the internet are data, not code)."""
+    work, log, _ = rehearsal
+    assert "dico convert-official" in log and "--sha256 " in log
+    unpinned = work / "config" / "unpinned.yaml"
+    unpinned.write_text(yaml.safe_dump({"official": {"sha256": None}}))
+    out = _snakemake(f"results/runs/dico_official/model.pt", "--forcerun", "convert_official", "--cores", "1",
+                     "--configfile", *CONFIGS, "config/rehearsal_urls.yaml", str(unpinned), cwd=work, timeout=600)
+    assert out.returncode != 0
+    text = (work / "results" / "logs" / "convert_official.log").read_text()
+    assert "pytorch_model.bin" in text and "argparse.Namespace" in text, text[-2000:]
+    assert "official.sha256" in text and "--trust-pickle" in text, text[-2000:]

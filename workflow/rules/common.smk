@@ -54,6 +54,13 @@ def torch_launcher(wildcards, resources):
     return f"torchrun --standalone --nproc_per_node={n} -m dico"
 
 
+def threads_per_process(wildcards, threads, resources):
+    """`--threads` of each training process: the job's threads shared by the processes torchrun starts
+    (2 CPU processes of a 2-thread job get 1 each instead of oversubscribing the cores)."""
+    n = config["train"]["processes"] or max(1, int(getattr(resources, "gpu", 0) or 0))
+    return max(1, threads // n)
+
+
 def clip_model_path(name):
     return dc.clip_model_spec(config, name)["path"]
 

@@ -17,6 +17,7 @@ rule train_xe:
     params:
         spec=spec(dc.run_spec(config, "xe")),
         launch=torch_launcher,
+        threads=threads_per_process,
     threads: 2
     log:
         "results/logs/train/xe.log",
@@ -25,7 +26,7 @@ rule train_xe:
     shell:
         "exec {params.launch} train xe --spec-json {params.spec:q} --splits {input.splits}"
         " --features-train {input.features_train} --features-val {input.features_val}"
-        " --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
+        " --out-model {output.model} --out-log {output.log} --threads {params.threads} > {log} 2>&1"
 
 
 rule train_scst:
@@ -40,6 +41,7 @@ rule train_scst:
         spec=lambda wc: spec(dc.run_spec(config, wc.run)),
         models=finetune_args,
         launch=torch_launcher,
+        threads=threads_per_process,
     threads: 1
     log:
         "results/logs/train/{run}.log",
@@ -48,7 +50,7 @@ rule train_scst:
     shell:
         "exec {params.launch} train {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
         " --init {input.init} --features-train {input.features_train} --features-val {input.features_val}"
-        " {params.models} --out-model {output.model} --out-log {output.log} --threads {threads} > {log} 2>&1"
+        " {params.models} --out-model {output.model} --out-log {output.log} --threads {params.threads} > {log} 2>&1"
 
 
 use rule train_scst as train_dico with:
