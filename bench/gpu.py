@@ -4,7 +4,7 @@
     python bench/gpu.py --only vit nccl       # some of them (also: features, compile; not in --all)
     python bench/gpu.py --smoke               # CPU, tiny models and counts, the --all sections (tests/test_bench.py)
     python bench/gpu.py --dry-run [--smoke]   # the plan, touching nothing
-    python bench/gpu.py --only xe dico nccl --amp fp16   # train.amp fp16 instead of auto (bf16 on bf16 cards)
+    python bench/gpu.py --only xe dico nccl --amp bf16   # train.amp bf16 instead of the paper's fp16
 
 It prints one table (section, what, value, unit, peak memory, detail) and writes it to --json
 (default results/bench/gpu.json; the machine, sizes and failures with it); on CUDA it also appends
@@ -15,7 +15,8 @@ Random weights throughout (open_clip `pretrained=None`): speed does not depend o
 Sections of --all, at the paper's shapes (ViT-L/14 257 x 1024 features, CLIP's 49,409-token
 vocabulary, the d=512 3 + 3-layer captioner, beam 5 x length 30, k = 5):
 vit    ViT-L/14 grid features (dico.evaluator.Evaluator.grid_features) on pixels already on the GPU:
-       fp32 weights under bf16 autocast (what dico.features does), bf16 weights, fp16 weights; img/s
+       fp32 weights under fp16 / bf16 autocast (what dico.features does per features.amp), bf16 weights,
+       fp16 weights; img/s
        and the share of the card's dense bf16 peak (162 GFLOP per image).
 xe     XE optimiser steps at the paper's batch (xe.batch_size 64 x grad_accum 8 = 512 captions, one
        (image, caption) pair per sample as captions_per_image null), train.amp auto, dico.runtime.adam
@@ -130,7 +131,7 @@ class Bench:
 
         self.torch, self.dev, self.sz, self.workers, self.tmp = torch, device, sz, workers, tmp
         self.cuda = device.startswith("cuda")
-        self.amp = amp if self.cuda else "none"  # train.amp (default auto: bf16 where supported); CPU: none
+        self.amp = amp if self.cuda else "none"  # train.amp (default fp16, the paper's); CPU: none
         self.rows: list[dict] = []
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -186,15 +187,19 @@ class Bench:
         x8 = torch.randint(0, 256, (sz.vit_batch, 3, ev.image_size, ev.image_size), dtype=torch.uint8,
                            device=self.dev)
 
-        def autocast():  # dico.features today: fp32 weights, fp32 pixels, bf16 autocast on CUDA
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                return ev.grid_features(self.normalise(ev, x8, torch.float32))
+        def autocast(dtype):  # dico.features: fp32 weights and pixels under features.amp autocast on CUDA
+            def run():
+                with torch.autocast(device_type="cuda", dtype=dtype, enabled=self.cuda):
+                    return ev.grid_features(self.normalise(ev, x8, torch.float32))
+            return run
 
         def cast(dtype):
             return lambda: ev.grid_features(self.normalise(ev, x8, dtype))
 
         peak = peak_tflops(self.card()) if self.cuda else None
-        for name, dtype, fn in (("fp32 weights + bf16 autocast (dico.features)", torch.float32, autocast),
+        for name, dtype, fn in (("fp32 weights + fp16 autocast (dico.features, features.amp fp16)", torch.float32,
+                                 autocast(torch.float16)),
+                                ("fp32 weights + bf16 autocast (features.amp bf16)", torch.float32, autocast(torch.bfloat16)),
                                 ("bf16 weights + channels_last", torch.bfloat16, cast(torch.bfloat16)),
                                 ("fp16 weights + channels_last", torch.float16, cast(torch.float16))):
             ev.model.to(dtype)
@@ -405,7 +410,7 @@ class Bench:
         shutil.rmtree(self.tmp / "current", ignore_errors=True)
         self.row("features", "dico.features.cache_features, JPEG -> fp16 shard", rate, "img/s",
                  f"{len(paths)} COCO-like 640x480 JPEGs ({images.mean_file_kb(unique):.0f} KB), {self.workers} decode "
-                 f"worker(s), batch {sz.vit_batch}, {sz.vit}, fp32 weights{' + bf16 autocast' if self.cuda else ''}",
+                 f"worker(s), batch {sz.vit_batch}, {sz.vit}, fp32 weights{' + fp16 autocast' if self.cuda else ''}",
                  cpu_s=cpu)
         if not self.cuda:
             return
@@ -608,8 +613,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "results" / "bench" / "gpu.json", help="write the table here")
     ap.add_argument("--results", type=Path, default=None,
                     help=f"append the table to this Markdown file (default on CUDA: {RESULTS})")
-    ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
-                    help="train.amp of the xe, dico, beam and nccl sections (default auto: bf16 where supported)")
+    ap.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="fp16",
+                    help="train.amp of the xe, dico, beam and nccl sections (default fp16: the paper's, with loss scaling)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--prepare-world", type=Path, help=argparse.SUPPRESS)  # the nccl section's child process
     args = ap.parse_args(argv)

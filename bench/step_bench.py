@@ -33,7 +33,7 @@ PHASES = ("gen", "reward", "logprob", "backward")
 class DicoStep:
     """One DiCO step with the library's functions; `fast=False` runs it without the fast paths.
 
-    Device-neutral: gpu.py runs it on CUDA with bf16 autocast (dico.runtime.autocast, as train.py)
+    Device-neutral: gpu.py runs it on CUDA under train.amp autocast (dico.runtime.autocast, as train.py)
     and a fused Adam; phases are timed with a device synchronisation at their end, as train.py does.
     """
 

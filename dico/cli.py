@@ -188,7 +188,13 @@ def cmd_train(args):
     device = dist.setup(_device(spec["device"]))
     if not dist.main:
         logging.getLogger().setLevel(logging.WARNING)
-    log.info("device %s, %d process(es)", device, dist.world)
+    if dist.enabled:
+        import torch.distributed
+
+        group = torch.distributed.get_backend()
+    else:
+        group = "none"
+    log.info("device %s, %d process(es), process group: %s", device, dist.world, group)
     features = {"train": args.features_train, "val": args.features_val}
     out = dict(work_dir=args.work_dir or str(Path(args.out_model).parent / "work"),
                out_model=args.out_model, out_log=args.out_log)

@@ -1,11 +1,11 @@
 """The evaluator: one CLIP model used as feature backbone, reward model and metric.
 
-Three uses (reference/dico.md §3, §1.3 step 2, §5.1):
+Three uses (docs/fidelity.md rows 1, 12 and 26):
   1. its vision tower gives the captioner's frozen *grid features*: all 1+P tokens after the last
      transformer block, before ln_post and the projection (HF CLIPVisionModel.last_hidden_state);
   2. it is the reward model of fine-tuning: r = w·cos(E_I, E_T), no clamp, no prefix;
   3. it computes CLIP-S / RefCLIP-S (w = 2.5) and PAC-S / RefPAC-S (w = 2.0) with the prefix
-     "A photo depicts " (reference/peers.md §2.2-2.3).
+     "A photo depicts " (CLIPScore, Hessel et al. 2021; pacscore evaluation/pac_score/pac_score.py).
 
 On a cluster the weights are OpenAI CLIP (ViT-B/32, ViT-L/14) or the PAC-S checkpoints; in the demo
 they are a tiny open_clip model trained here (`train_tiny_clip`). Both go through `load_evaluator`:
@@ -501,7 +501,7 @@ def retrieval_r1(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]])
 # scores
 
 def clip_scores(image_embs: torch.Tensor, cand_embs: torch.Tensor, ref_embs=None, w: float = 2.5) -> dict:
-    """Per-caption CLIP-S / PAC-S and, with references, RefCLIP-S / RefPAC-S (peers.md §2.2-2.3).
+    """Per-caption CLIP-S / PAC-S and, with references, RefCLIP-S / RefPAC-S (CLIPScore and pacscore's definitions).
 
         s   = w · max(cos(I, c), 0)                  (w = 2.5 CLIP-S, 2.0 PAC-S)
         t   = max_r cos(c, r)                        (raw: no clamp, no w, as in both official codes)
@@ -536,7 +536,7 @@ def max_ref_cosine(cand_embs: torch.Tensor, ref_embs) -> torch.Tensor:
 
 
 def reward_scores(image_embs: torch.Tensor, cand_embs: torch.Tensor, w: float = 2.0) -> torch.Tensor:
-    """The training reward of the official DiCO code (dico.md §1.3 step 2): r = w · cos(I, c), with no
+    """The training reward of the official DiCO code (official utils.py compute_clip_score): r = w · cos(I, c), with no
     clamp at 0 (and, in training, no prefix: the caller embeds with prefix='')."""
     return w * (image_embs * cand_embs).sum(-1)
 

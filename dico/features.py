@@ -1,7 +1,7 @@
 """Frozen grid features of the captioner's backbone, cached once per split.
 
 The paper's captioner reads all 257 tokens (CLS + 16x16 patches) x 1024 of CLIP ViT-L/14 before the
-final layer norm and projection (dico.md section 3). The backbone is frozen, so the features are
+final layer norm and projection (official models/vision_encoder_encoder; docs/fidelity.md row 1). The backbone is frozen, so the features are
 computed once and stored as fp16 in memory-mappable `.npy` shards:
 
     results/features/<backbone>/<split>/shard_00000.npy   [n, T, D] float16

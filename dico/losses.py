@@ -17,7 +17,8 @@ def loser_weights(rewards: torch.Tensor, tau: float) -> tuple[torch.Tensor, torc
         w = argmax_j r_j,   gamma_j = softmax_{j != w}( tau * (r_w - r_j) ),   gamma_w = 0
 
     The gap r_w - r_j is >= 0, so the *worst* candidate gets the largest weight; tau = 300 with
-    PAC-S gaps of 0.01-0.05 makes gamma nearly one-hot on it (dico.md section 1.3, step 4).
+    PAC-S gaps of 0.01-0.05 makes gamma nearly one-hot on it (official trainers/dico_trainer.py
+    weight_quality_distances).
     """
     rewards = rewards.detach()
     winner = rewards.argmax(dim=1)

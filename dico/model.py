@@ -1,6 +1,6 @@
 """The DiCO captioner: Linear bridge -> BERT-style encoder -> GPT-2-style decoder with cross-attention.
 
-Mirrors the official model (reference/dico.md §3): frozen CLIP grid features are projected to
+Mirrors the official model (official main.py get_model, models/vision_encoder_*; docs/fidelity.md): frozen CLIP grid features are projected to
 d_model, refined by a post-LN BERT encoder (no attention mask), and read by a pre-LN GPT-2 decoder
 whose blocks have an extra cross-attention sub-layer. The LM head is tied to the token embedding.
 
@@ -319,7 +319,7 @@ def sequence_logprobs(model: Captioner, memory: Tensor, captions: Tensor, repeat
     """Sum of token log-probs of each caption [N,L] = [BOS, w.., EOS, pad..] -> [N].
 
     Plain sum over the targets captions[:, 1:] that are not pad: EOS counts, BOS and pads do not,
-    no length normalisation (dico.md §1.3 step 5). A row without EOS (a beam cut at max length)
+    no length normalisation (official trainers/dico_trainer.py compute_dico_logps). A row without EOS (a beam cut at max length)
     counts all its tokens. Positions after EOS see EOS/pad as input, which only affects the
     masked targets (causal attention).
 

@@ -2,7 +2,7 @@
 
 The official DiCO code uses the CLIP tokenizer of ViT-L/14 (49,408 tokens, BOS 49406, EOS 49407)
 and adds `<|pad|>` = 49408, so the captioner's vocabulary has 49,409 entries and generated ids can
-be fed to a CLIP text encoder directly (reference/dico.md §3).
+be fed to a CLIP text encoder directly (official main.py, utils.py compute_clip_score).
 
 A captioner does not have to predict all 49,409 entries: `vocab="train"` keeps only the BPE tokens
 that occur in the training captions (plus BOS, EOS and pad). The ids the model sees are then

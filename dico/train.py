@@ -5,10 +5,12 @@ the best checkpoint, a JSONL training log, a `last.pt` with everything needed to
 after a kill (model, optimiser, sampler position, every RNG state, the log so far), and a clean exit
 on SIGTERM.
 
-Fine-tuning step (dico.md section 1.5): k beams per image from the current policy (no_grad; dropout
-off by default, `dico.generation_mode: train` switches it on as in the official code) -> rewards ->
-teacher-forced sequence log-probs of all k candidates under the policy (with gradient, train mode)
-and, for DiCO, under the frozen XE model (eval mode, no_grad) -> loss -> Adam at a constant lr.
+Fine-tuning step (official trainers/dico_trainer.py `compute_dico_loss`): the k final beams of a beam
+search of width k from the current policy (no_grad; in train mode, i.e. with dropout, as the HF Trainer
+runs it: `generation_mode`) -> rewards from their ids -> teacher-forced sequence log-probs of all k
+candidates under the policy (with gradient, train mode) and, for DiCO, under the frozen XE model (eval
+mode, no_grad) -> loss -> fp16 loss scaling, gradients summed over ranks, no clipping by default ->
+Adam at a constant lr. Every row of this is in docs/fidelity.md.
 """
 from __future__ import annotations
 
