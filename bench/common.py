@@ -116,3 +116,20 @@ def tiny_evaluator(image_size: int = 32, patch_size: int = 8, vision_width: int 
     cfg = tiny_clip_config(embed_dim=64, image_size=image_size, patch_size=patch_size, vision_width=vision_width,
                            vision_layers=vision_layers, text_width=64, text_layers=2, context_length=context_length)
     return Evaluator(build_tiny_clip(cfg, seed))
+
+
+def record_block(results: Path, begin: str, end: str, command: str, header: str, lines: list[str],
+                 seconds: float) -> None:
+    """Replace the generated block between `begin` and `end` markers of `results` (RESULTS.md) with this
+    run's lines, or append it (creating the file if needed); written atomically."""
+    from dico.io import write_text
+
+    block = "\n".join([begin, f"Machine: {header}", "", f"`{command}` ({seconds / 60:.1f} min):", "", "```",
+                       *lines, "```", end])
+    text = results.read_text() if results.exists() else "# Benchmark results\n\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(results, text)
+

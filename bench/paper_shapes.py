@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from dico.io import write_text  # noqa: E402
+from common import record_block  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN = "<!-- bench/paper_shapes.py: begin (generated; edited by hand at your own risk) -->"
@@ -67,14 +67,7 @@ def lines_of(results: dict) -> list[str]:
 
 
 def record(lines: list[str], header: str, seconds: float) -> None:
-    block = "\n".join([BEGIN, f"Machine: {header}", "", f"`python bench/paper_shapes.py` ({seconds / 60:.1f} min):",
-                       "", "```", *lines, "```", END])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(RESULTS, text)
+    record_block(RESULTS, BEGIN, END, "python bench/paper_shapes.py", header, lines, seconds)
 
 
 def main(argv=None) -> int:

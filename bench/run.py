@@ -27,7 +27,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # cache_features' progress bar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo root on sys.path)
-from dico.io import write_text  # noqa: E402
+from common import record_block  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BEGIN, END = "<!-- bench/run.py: begin (generated; edited by hand at your own risk) -->", "<!-- bench/run.py: end -->"
@@ -65,15 +65,7 @@ ALL = {**MAIN, **SCALING}
 
 def record(lines: list[str], header: str, quick: bool, seconds: float) -> None:
     """Replace the generated block of RESULTS.md (create the file if needed)."""
-    block = "\n".join([BEGIN, f"Machine: {header}", "",
-                       f"`python bench/run.py{' --quick' if quick else ''}` ({seconds / 60:.1f} min):", "", "```",
-                       *lines, "```", END])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(RESULTS, text)
+    record_block(RESULTS, BEGIN, END, f"python bench/run.py{' --quick' if quick else ''}", header, lines, seconds)
 
 
 def main(argv=None) -> int:

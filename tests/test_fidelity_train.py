@@ -16,7 +16,7 @@ from dico.data import load_split
 from dico.evaluate import embed_images
 from dico.features import cache_features
 from dico.train import optimizer_step, train_finetune, train_xe
-from worlds import tiny_world
+from worlds import sigterm_at_step, tiny_world
 
 
 # -- fp16 loss scaling: DeepSpeed's dynamic loss scaler (official configs/config_adam_zero2.json) -----
@@ -298,7 +298,7 @@ def test_loss_scaler_state_resumes_from_last_pt(world, tmp_path, monkeypatch):
     """fp16 runs carry the loss scaler's state in last.pt: a preempted run resumes with the same scale,
     hysteresis and overflow history and ends bit-identical to an uninterrupted one. (The scaler only
     switches on for fp16 on a GPU; it is forced on here, with a short window so that it changes.)"""
-    stop_flag = runtime.StopFlag
+    stop_flag = runtime.StopFlag  # the real one, put back for the resumed run
     monkeypatch.setattr(runtime.DynamicLossScaler, "from_config",
                         classmethod(lambda cls, device, cfg: cls(True, initial=8.0, window=3, hysteresis=2)))
     spec = C.run_spec(_finetune_spec(xe={"steps": 12, "val_every": 4}), "xe")
@@ -311,19 +311,7 @@ def test_loss_scaler_state_resumes_from_last_pt(world, tmp_path, monkeypatch):
 
     straight = run(tmp_path / "straight")
     assert straight["loss_scaler"]["scale"] == 8.0 * 2 ** 4  # doubled every 3 overflow-free steps
-    calls = {"n": 0}
-
-    class FlagAfter(runtime.StopFlag):  # SIGTERM during step 6
-        @property
-        def requested(self):
-            calls["n"] += 1
-            return calls["n"] == 6
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    monkeypatch.setattr(runtime, "StopFlag", FlagAfter)
+    sigterm_at_step(monkeypatch, 6)
     with pytest.raises(runtime.Preempted):
         run(tmp_path / "cut")
     assert torch.load(tmp_path / "cut" / "work" / "last.pt", weights_only=False)["loss_scaler"]["scale"] == 8.0 * 2 ** 2

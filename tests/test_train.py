@@ -11,7 +11,7 @@ from dico.evaluate import embed_images
 from dico.features import FeatureStore, cache_features
 from dico.train import CaptionBatches, load_captioner, train_finetune, train_xe
 from dico.tokenizer import CaptionTokenizer
-from worlds import tiny_world
+from worlds import sigterm_at_step, tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -126,19 +126,7 @@ def test_resume_after_preemption_equals_uninterrupted_run(world, tmp_path, monke
     spec = _spec("xe", xe={"steps": 40, "batch_size": 40, "captions_per_image": 5, "val_every": 10})
     reference = _xe(world, tmp_path / "straight", spec)
 
-    calls = {"n": 0}
-
-    class FlagAfter(runtime.StopFlag):  # SIGTERM arrives during step 17
-        @property
-        def requested(self):
-            calls["n"] += 1
-            return calls["n"] == 17
-
-        @requested.setter
-        def requested(self, value):
-            pass
-
-    monkeypatch.setattr(runtime, "StopFlag", FlagAfter)
+    sigterm_at_step(monkeypatch, 17)
     with pytest.raises(runtime.Preempted) as stop:
         _xe(world, tmp_path / "interrupted", spec)
     assert stop.value.code == 143

@@ -14,3 +14,24 @@ def tiny_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, image_
                            text_width=64, text_layers=1, context_length=32)
     save_evaluator(build_tiny_clip(cfg, seed=0), root / "clip.pt")
     return load_evaluator(root / "clip.pt")
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """Make the training loop see SIGTERM after `step` steps (its stop flag is read once per step), as
+    SLURM's preemption would; monkeypatch.undo() or the test's end restores the real flag."""
+    from dico import runtime
+
+    calls = {"n": 0}
+
+    class FlagAfter(runtime.StopFlag):
+        @property
+        def requested(self):
+            calls["n"] += 1
+            return calls["n"] == step
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(runtime, "StopFlag", FlagAfter)
+
