@@ -76,7 +76,7 @@ def test_gpu_script_smoke_runs_every_section_and_writes_its_table(tmp_path):
     result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["failed"] == [] and result["device"] == "cpu" and result["sizes"]["name"] == "smoke"
     sections = [r["section"] for r in result["rows"]]
-    assert sections == ["vit"] * 3 + ["xe", "dico", "beam", "beam", "nccl", "nccl", "nccl"], sections
+    assert sections == ["vit"] * 4 + ["xe", "dico", "beam", "beam", "nccl", "nccl", "nccl"], sections  # fp16, bf16 autocast; bf16, fp16 weights
     for r in result["rows"]:
         assert r["value"] > 0 and r["unit"], r
     train = [r for r in result["rows"] if r["metric"].startswith("torchrun --nproc_per_node=1 -m dico train")]

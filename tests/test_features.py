@@ -208,7 +208,7 @@ def test_cli_parts_and_gather_write_the_one_job_index_and_empty_parts_load_no_mo
 
     root, _, records, _ = world
     spec = {"backbone": "clip", "shard_size": 10, "batch_size": 4, "dtype": "float32", "num_workers": 0,
-            "skip_broken_images": False, "jpeg_draft": False,
+            "skip_broken_images": False, "jpeg_draft": False, "amp": "fp16",
             "model": {"name": "clip", "device": "cpu", "path": str(root / "clip.pt"), "format": "openai", "arch": None}}
     base = ["cache-features", "--spec-json", json.dumps(spec), "--splits", str(root / "splits.json"), "--split", "train"]
     assert main(base + ["--out-dir", str(tmp_path / "one")]) == 0
