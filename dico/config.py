@@ -58,6 +58,8 @@ def validate(config: dict, source: str = "config") -> dict:
             key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
             lines.append(f"  - {key}: {_explain(e)}")
         raise ConfigError("\n".join(lines))
+    if config["evaluate"]["datasets"] is None:  # null switches the sets of an underlying config file off
+        config["evaluate"]["datasets"] = {}
     _check_references(config, source)
     return config
 
