@@ -69,8 +69,9 @@ def cmd_prepare_splits(args):
 
 def cmd_train_clip(args):
     from .data import load_split
-    from .demo import perturb_caption
-    from .evaluator import tiny_clip_config, train_tiny_clip
+    from .demo import hard_negative_words, perturb_caption
+    from .demo_clip import tiny_clip_config, train_tiny_clip
+    from .io import write_json
     from .runtime import configure
 
     s = _spec(args, lambda c: C.clip_model_spec(c, args.name))
@@ -82,8 +83,13 @@ def cmd_train_clip(args):
                            context_length=t["context_length"])
     stats = train_tiny_clip(load_split(args.splits, "train"), cfg, args.out, steps=t["steps"],
                             batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
-                            hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info)
-    log.info("demo CLIP model %s written to %s: %s", s["name"], args.out, stats)
+                            hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info,
+                            eval_records=load_split(args.splits, "val"),
+                            text_vocab=hard_negative_words() if t["hard_negatives"] else ())
+    if args.stats:  # retrieval R@1 on val (and on up to 512 train images), the training figures
+        write_json(args.stats, {"name": s["name"], **stats, "config": cfg})
+    log.info("demo CLIP model %s written to %s: val R@1 i->t %.3f, t->i %.3f", s["name"], args.out,
+             stats["val"]["i2t_r1"], stats["val"]["t2i_r1"])
 
 
 def _load_clip(spec: dict, path: str | None = None, device: str = "cpu"):
@@ -273,6 +279,7 @@ def cmd_evaluate(args):
 
 def _evaluate_split(args, s, job, evaluators, train_caps, device):
     from .data import ImageRecord, load_split
+    from .demo import grammar_of
     from .evaluate import embed_images, load_captions, load_references, score
     from .io import provenance, write_json
 
@@ -294,7 +301,7 @@ def _evaluate_split(args, s, job, evaluators, train_caps, device):
                             embed_images(evaluator, [r.path for r in records], device=device,
                                          split=split, skip_broken=args.skip_broken_images,
                                          log=log.info).to(device))
-    result = score(captions, records, s, evaluators, image_embs, train_caps)
+    result = score(captions, records, s, evaluators, image_embs, train_caps, grammar_of(args.splits))
     run_prov = _run_provenance(args.model_checkpoint)
     write_json(job["out"], {"run": args.run, "split": split, "captions": str(job["captions"]),
                             "n_images": len(records), **result,
@@ -357,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="clip_models entry")
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--stats", help="write the training figures and val retrieval R@1 here (JSON)")
     p.set_defaults(fn=cmd_train_clip)
 
     p = sub.add_parser("cache-features", help="grid features of the frozen backbone for one split")

@@ -203,6 +203,91 @@ def captions(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     return out
 
 
+# -- fluency: the language of the caption templates ---------------------------------------------
+# The demo knows the grammar its references come from, so it can say exactly whether a generated
+# caption is one the grammar can produce (`grammatical`): the demo's fluency measure (fluent_pct).
+# Words are compared after `simple_tokenize` (lower case, no punctuation), as the metrics see them.
+def _alternatives(words) -> str:
+    import re
+
+    return "(?:" + "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True)) + ")"
+
+
+_SHAPE_CLASS = {w: shape for shape, ws in SHAPE_WORDS.items() for w in ws}
+_ALL_COLOURS = [*COLOURS, *UNSEEN_COLOURS]          # any palette the demo draws (out-of-domain sets too)
+_ALL_BACKGROUNDS = [*BACKGROUNDS, *UNSEEN_BACKGROUNDS]
+
+
+def _phrase(name: str, article: bool = True) -> str:
+    """A noun phrase: [a|an] [size] colour shape, capturing article, colour and shape word."""
+    size = _alternatives(w for ws in SIZE_WORDS.values() for w in ws)
+    core = (rf"(?P<{name}_first>(?:{size} )?(?P<{name}_colour>{_alternatives(_ALL_COLOURS)}) "
+            rf"(?P<{name}_shape>{_alternatives(_SHAPE_CLASS)}))")
+    return rf"(?P<{name}_art>an?) {core}" if article else core
+
+
+def _grammar():
+    import re
+
+    rel = _alternatives(w for ws in RELATION_WORDS.values() for w in ws)
+    pos = r"the (?:center|left|right|top|bottom|(?:top|bottom) (?:left|right))"
+    a, b, c = _phrase("a"), _phrase("b"), _phrase("c")
+    templates = [  # `caption` without its punctuation, template by template
+        a, f"a picture of {a}", f"there is {a}", f"{a} in {pos}", f"an image with {a} in {pos}",
+        f"a single {_phrase('a', article=False)}",
+        f"{a} {rel} {b}", f"{a} and {b}", f"two shapes {a} and {b}", f"{a} next to {b}",
+        f"{a} {b} and {c}", f"three shapes {a} {b} and {c}", f"{a} {rel} {b} and {c}", f"{a} {rel} {b} with {c}",
+        f"a group of shapes with {a} {b} and {c}",
+    ]
+    background = rf"(?: (?:on|against) a {_alternatives(_ALL_BACKGROUNDS)} background)?"
+    return [re.compile(t + background) for t in templates]
+
+
+_TEMPLATES: list | None = None
+
+
+def grammatical(text: str) -> bool:
+    """Whether the demo's caption templates (`caption`) can produce `text` (compared after
+    `simple_tokenize`), with any colour, background and scene: articles agree ("an orange", "a red"),
+    and the shapes of one caption differ in colour or shape, as `random_scene` draws them."""
+    from .cider import simple_tokenize
+
+    global _TEMPLATES
+    _TEMPLATES = _TEMPLATES or _grammar()
+    words = simple_tokenize(text)
+    for template in _TEMPLATES:
+        m = template.fullmatch(words)
+        if m is None:
+            continue
+        names = [n for n in "abc" if m.groupdict().get(f"{n}_colour")]
+        if any(m[f"{n}_art"] is not None and m[f"{n}_art"] != ("an" if m[f"{n}_first"][0] in "aeiou" else "a")
+               for n in names if f"{n}_art" in m.groupdict()):
+            continue
+        shapes = [(m[f"{n}_colour"], _SHAPE_CLASS[m[f"{n}_shape"]]) for n in names]
+        if len(set(shapes)) == len(shapes):
+            return True
+    return False
+
+
+def grammar_of(splits_json):
+    """`grammatical` when `splits_json` (a dico-splits file) is a demo set (its `dataset` is "demo" or
+    "demo-unseen-..."), else None: only the demo knows the grammar of its references."""
+    import json
+
+    if not splits_json:
+        return None
+    dataset = str(json.loads(Path(splits_json).read_text()).get("dataset", ""))
+    return grammatical if dataset.startswith("demo") else None
+
+
+def fluent_pct(texts) -> float:
+    """% of `texts` the demo's grammar can produce (`grammatical`)."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no captions")
+    return 100.0 * sum(map(grammatical, texts)) / len(texts)
+
+
 # -- hard negatives for the demo evaluator -------------------------------------------------------
 # Groups of interchangeable words: a hard negative replaces a word by one from ANOTHER synonym set
 # of its group (so "big" -> "small" but never "big" -> "large").
@@ -214,6 +299,11 @@ _SWAP_GROUPS = [
     [["left"], ["right"]],
     [["above", "over"], ["below", "under", "beneath"]],
 ]
+
+
+def hard_negative_words() -> list[str]:
+    """Every word `perturb_caption` can write (a demo CLIP's token table must hold them)."""
+    return sorted({w for group in _SWAP_GROUPS for synonyms in group for w in synonyms})
 
 
 def perturb_caption(text: str, rng: random.Random) -> str | None:

@@ -118,11 +118,12 @@ def skipped_rows(image_embs: torch.Tensor) -> list[int]:
 
 
 def score(captions: dict[int, str], records: list[ImageRecord], spec: dict, evaluators: dict,
-          image_embs: dict, train_captions: list[str] | None = None) -> dict:
+          image_embs: dict, train_captions: list[str] | None = None, grammar=None) -> dict:
     """The `metrics`, `reasons` and `diversity` blocks of a metrics JSON.
 
     `records` define the images and references; every record needs a caption. `evaluators` and
-    `image_embs` are keyed by clip_models name (embeddings aligned with `records`).
+    `image_embs` are keyed by clip_models name (embeddings aligned with `records`). `grammar`: the
+    demo's `dico.demo.grammatical` on a demo set (diversity.fluent_pct), else None.
     """
     from .evaluator import score_captions
     from .metrics import coco_metrics, diversity
@@ -164,5 +165,5 @@ def score(captions: dict[int, str], records: list[ImageRecord], spec: dict, eval
         reasons["skipped_images"] = (f"{len(skipped_ids)} unreadable images left out of every metric "
                                      "(features.skip_broken_images)")
     return {"metrics": {k: metrics.get(k) for k in METRIC_KEYS}, "reasons": reasons,
-            "extra": extra, "diversity": diversity(cand_list, train_captions or []),
+            "extra": extra, "diversity": diversity(cand_list, train_captions or [], grammar),
             "n_scored": len(records), "skipped_images": skipped_ids}

@@ -8,7 +8,7 @@ Three uses (docs/fidelity.md rows 1, 12 and 26):
      "A photo depicts " (CLIPScore, Hessel et al. 2021; pacscore evaluation/pac_score/pac_score.py).
 
 On a cluster the weights are OpenAI CLIP (ViT-B/32, ViT-L/14) or the PAC-S checkpoints; in the demo
-they are a tiny open_clip model trained here (`train_tiny_clip`). Both go through `load_evaluator`:
+they are a tiny open_clip model trained on the demo data (`dico.demo_clip`). Both go through `load_evaluator`:
 the demo model is saved in the PAC-S layout, {'state_dict': OpenAI-named weights}, which is the
 same layout as `clip_ViT-B-32.pth`.
 
@@ -17,14 +17,10 @@ Everything here is built with `pretrained=None`; nothing touches a model hub.
 from __future__ import annotations
 
 import logging
-import math
-import random
 import re
-import sys
-import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -357,144 +353,6 @@ def save_evaluator(evaluator_or_model, path) -> None:
                          + "; ".join(problems))
     sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
     torch_save({"state_dict": sd}, path)
-
-
-# -----------------------------------------------------------------------------
-# tiny CLIP for the demo
-
-def tiny_clip_config(embed_dim: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
-                     text_width: int, text_layers: int, context_length: int, vocab_size: int = 49408) -> dict:
-    """An open_clip model config (the JSON schema of open_clip/model_configs) of an OpenAI-layout CLIP."""
-    for name, width in (("vision_width", vision_width), ("text_width", text_width)):
-        if width % HEAD_WIDTH or width <= 0:
-            raise ValueError(f"{name}={width}: must be a positive multiple of {HEAD_WIDTH}, because the "
-                             f"OpenAI-format loader infers heads = width // {HEAD_WIDTH}")
-    if image_size % patch_size:
-        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
-    return {
-        "embed_dim": embed_dim,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
-                       "layers": vision_layers, "head_width": HEAD_WIDTH},
-        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": text_width,
-                     "heads": text_width // HEAD_WIDTH, "layers": text_layers},
-    }
-
-
-def build_tiny_clip(cfg: dict, seed: int):
-    """Randomly initialised open_clip CLIP from a config dict. The direct constructor gives the same
-    module names as open_clip.create_model, and with QuickGELU the OpenAI ones; the seed is local."""
-    from open_clip.model import CLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CLIP(cfg["embed_dim"], dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]),
-                    quick_gelu=cfg.get("quick_gelu", True))
-
-
-def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int, lr: float, seed: int,
-                    hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
-                    log=print, eval_records=None, weight_decay: float = 0.1,
-                    warmup: int | None = None) -> dict:
-    """Contrastive training of a tiny CLIP on (image, one random caption of its refs) pairs.
-
-    Loss: symmetric InfoNCE with a learnable temperature (CLIP):
-        L = ½·CE(s·I Tᵀ, diag) + ½·CE(s·T Iᵀ, diag),  s = exp(logit_scale) ≤ 100.
-    With `hard_negative_fn`, each image also gets one perturbed caption whose embedding is an extra
-    NEGATIVE column of the image->text softmax ([B, B + H] logits); text->image stays [B, B]. This
-    teaches the tiny model details (colours, relations), standing in for PAC-S's stronger training.
-    AdamW (β = 0.9, 0.98, CLIP's), linear warmup then cosine decay to lr/10. Deterministic given seed.
-    """
-    from tqdm import tqdm
-
-    from .data import load_image
-
-    t0 = time.time()
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model = build_tiny_clip(cfg, seed).train()
-    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
-
-    # decode every image once: ~1,000 tiny images fit in memory many times over
-    images = torch.stack([clip_preprocess(load_image(r.path, "train"), size) for r in records])
-    captions = [list(r.captions) for r in records]
-    caption_tokens = [tokenize(c, ctx) for c in captions]
-    n = len(records)
-    bsz = min(batch_size, n)
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # gains, biases, logit scale
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    warmup = max(1, steps // 10) if warmup is None else warmup
-
-    def lr_at(step):  # linear warmup, then cosine from lr to lr/10
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        p = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-    order: list[int] = []
-    losses, first_loss, acc = [], None, 0.0
-    bar = tqdm(range(steps), desc="tiny CLIP", disable=not sys.stderr.isatty())
-    for step in bar:
-        if len(order) < bsz:  # a fresh shuffled pass over the images
-            order += rng.sample(range(n), n)
-        idx, order = order[:bsz], order[bsz:]
-        picks = [rng.randrange(len(captions[i])) for i in idx]
-        tokens = torch.stack([caption_tokens[i][j] for i, j in zip(idx, picks)])
-        if hard_negative_fn is not None:
-            negs = [hard_negative_fn(captions[i][j], rng) for i, j in zip(idx, picks)]
-            negs = [t for t in negs if t]
-            if negs:
-                tokens = torch.cat([tokens, tokenize(negs, ctx)])
-        img = F.normalize(model.encode_image(images[idx]), dim=-1)
-        txt = F.normalize(model.encode_text(tokens), dim=-1)
-        scale = model.logit_scale.exp()
-        logits = scale * img @ txt.T                       # [B, B + H]: negatives only add columns
-        target = torch.arange(len(idx))
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(idx)].T, target))
-
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # CLIP clamps the temperature at 100
-            model.logit_scale.clamp_(0, math.log(100))
-
-        losses.append(loss.item())
-        first_loss = losses[0] if first_loss is None else first_loss
-        # in-batch i->t accuracy; a column with the same token ids as the positive counts as a hit
-        # (generated captions repeat, so two images of a batch may share the positive text)
-        acc = (tokens[logits.argmax(1)] == tokens[:len(idx)]).all(1).float().mean().item()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc:.2f}")
-        if step % 50 == 0 or step == steps - 1:
-            log(f"tiny CLIP step {step + 1}/{steps}: loss {losses[-1]:.4f}, in-batch i->t acc {acc:.3f}, "
-                f"lr {lr_at(step):.2e}, logit scale {scale.item():.1f}")
-
-    train_s = time.time() - t0
-    save_evaluator(model, out_path)
-    ev = Evaluator(model)
-    stats = {"steps": steps, "n_images": n, "batch_size": bsz, "first_loss": first_loss,
-             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-             "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
-             "train_r1": retrieval_r1(ev, images[:512], captions[:512]),
-             "n_params": sum(p.numel() for p in model.parameters()),
-             "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
-    if eval_records:
-        eval_images = torch.stack([ev.preprocess(load_image(r.path, "val")) for r in eval_records])
-        stats["eval_r1"] = retrieval_r1(ev, eval_images, [list(r.captions) for r in eval_records])
-    log(f"tiny CLIP done: {stats}")
-    return stats
-
-
-def retrieval_r1(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> float:
-    """Image->text R@1 over all captions of the set. A hit is a top caption whose *text* is one of
-    the image's captions (generated data repeats captions across images)."""
-    flat = [c for caps in captions for c in caps]
-    top = (ev.embed_images(pixels) @ ev.embed_texts(flat).T).argmax(1).tolist()
-    return sum(flat[t] in caps for t, caps in zip(top, captions)) / max(1, len(captions))
 
 
 # -----------------------------------------------------------------------------

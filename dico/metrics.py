@@ -60,9 +60,15 @@ def find_spice_jars(spice_jar_dir: str | os.PathLike | None = None) -> Path | No
     return next((d for d in _spice_dirs(spice_jar_dir) if all((d / j).is_file() for j in SPICE_JARS)), None)
 
 
+SPICE_MISSING = "not computed (Stanford CoreNLP 3.6.0 jars missing)"
+
+
 def _spice_missing_reason(spice_jar_dir) -> str:
+    """What a table prints (before the first "; ": `dico.report.table_reason`), then where we looked and
+    the fix, for the log and the metrics JSON."""
     where = " or ".join(map(str, _spice_dirs(spice_jar_dir)))
-    return f"skipped: Stanford CoreNLP 3.6.0 jars not found in {where} ({', '.join(SPICE_JARS)}); SPICE needs them"
+    return (f"{SPICE_MISSING}; looked for {', '.join(SPICE_JARS)} in {where}; put them in a folder and set "
+            "evaluate.spice_jar_dir (dico score: --spice-jar-dir)")
 
 
 def _install_spice_jars(src: Path) -> None:
@@ -133,8 +139,7 @@ def coco_metrics(refs: dict, cands: dict, meteor: bool = True,
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.rouge.rouge import Rouge
 
-    gts = ptb_tokenize(refs)
-    res = ptb_tokenize({i: [c] for i, c in cands.items()})
+    gts, res = ptb_tokenize_pairs(refs, cands)  # one JVM start for both
     metrics, notes = {}, {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     metrics.update({f"BLEU-{n}": float(b) for n, b in enumerate(bleu, 1)})
@@ -158,13 +163,18 @@ def _has_repeat(words: list[str]) -> bool:
     return len(set(trigrams)) < len(trigrams)
 
 
-def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
+NO_GRAMMAR = "only the demo knows the grammar of its captions (fluent_pct is a demo measure)"
+
+
+def diversity(cands: dict | list, train_captions: Iterable[str], grammar=None) -> dict:
     """Diversity/fluency statistics of generated captions, after `simple_tokenize` (lower-case, no punctuation).
 
     vocab_size: distinct words over all candidates; novel_pct: % of candidates whose normalised string never
     occurs among the normalised training captions; mean_length: words per candidate; distinct_1 / distinct_2:
     distinct n-grams / n-grams over the whole set; repeat_pct: % of candidates with a repeated word or trigram
-    (see `_has_repeat`). cands: {id: str} (or {id: [str]}) or a list of str."""
+    (see `_has_repeat`); fluent_pct: % of candidates `grammar(text)` accepts (the demo's
+    `dico.demo.grammatical`), else None with `fluent_pct_reason`. cands: {id: str} (or {id: [str]}) or a
+    list of str."""
     texts = list(cands.values()) if isinstance(cands, dict) else list(cands)
     texts = [t[0] if isinstance(t, (list, tuple)) else t for t in texts]
     if not texts:
@@ -181,6 +191,8 @@ def diversity(cands: dict | list, train_captions: Iterable[str]) -> dict:
         "distinct_1": len(set(unigrams)) / len(unigrams) if unigrams else 0.0,
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "repeat_pct": 100.0 * sum(map(_has_repeat, words)) / len(words),
+        "fluent_pct": 100.0 * sum(map(grammar, texts)) / len(texts) if grammar else None,
+        **({} if grammar else {"fluent_pct_reason": NO_GRAMMAR}),
     }
 
 

@@ -188,11 +188,18 @@ def summarise(metrics: list[dict], key: str, reported=None) -> Cell:
     reason = None
     if not present:
         reasons = [(m.get("reasons") or {}).get(key) for m in metrics]
-        reason = portable(next((r for r in reasons if r), "not computed"))
+        reason = table_reason(next((r for r in reasons if r), "not computed"))
     return Cell(present, reason, None if reported is None else float(reported))
 
 
 _ABS_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/;,()'\"]+/)*[^\s/;,()'\"]+")
+
+
+def table_reason(reason: str) -> str:
+    """What a table's footnote says of a missing value: a reason's first part, before "; " (the rest —
+    where a file was looked for, how to fix it — is for the log and the metrics JSON; a reader of the
+    paper needs "SPICE: not computed (Stanford CoreNLP 3.6.0 jars missing)"), without machine paths."""
+    return portable(str(reason).split("; ", 1)[0])
 
 
 def portable(text: str) -> str:
@@ -409,7 +416,36 @@ def main_table(metrics: list[dict], spec: dict, reported: dict | None = None, da
     rows = [(run, run_label(run), groups[run]) for run in order]
     table = make_table("main", "", "Method", rows, MAIN_COLUMNS, reported)
     table.caption = f"{_scope_caption(dataset, metrics)} {_scale_caption(table)}"
+    _add_fluency(table)
+    _note_selected_steps(table)
     return table
+
+
+def _add_fluency(table: Table) -> None:
+    """On a demo set (every row's metrics have diversity.fluent_pct): a last column "Fluent %", the share
+    of captions the demo's grammar can produce. Already a percentage: not scaled."""
+    if not all((m.get("diversity") or {}).get("fluent_pct") is not None for r in table.rows for m in r.sources):
+        return
+    for r in table.rows:
+        r.cells["Fluent"] = Cell([float(m["diversity"]["fluent_pct"]) for m in r.sources])
+    table.columns.append("Fluent")
+    table.keys["Fluent"] = "fluent_pct"
+    table.headers["Fluent"] = r"Fluent \%"
+    table.notes.append(r"Fluent: \% of the captions the demo's caption grammar can produce "
+                       r"(\texttt{dico.demo.grammatical}); a percentage, not scaled.")
+
+
+def _note_selected_steps(table: Table) -> None:
+    """Which checkpoint each row is (the training step selection picked, per seed), so a reader can
+    tell a fine-tuned row from its starting model and find it in the training curves."""
+    shown = []
+    for r in table.rows:
+        steps = [best_step(m) for m in r.sources]
+        if any(s is not None for s in steps):
+            label = r.label.replace(r"$^\ddagger$", "")
+            shown.append(f"{label} {'/'.join('?' if s is None else str(s) for s in steps)}")
+    if shown:
+        table.notes.append("Selected checkpoint (training step, by validation): " + "; ".join(shown) + ".")
 
 
 def ablation_table(name: str, metrics: list[dict], spec: dict, reported: dict | None = None,

@@ -26,6 +26,7 @@ from . import runtime
 from .cider import cider_d, simple_tokenize
 from .data import ImageRecord, load_split
 from .decoding import beam_search
+from .demo import grammar_of
 from .features import FeatureStore
 from .losses import dico_diagnostics, dico_loss, scst_loss
 from .model import Captioner, CaptionerConfig, sequence_logprobs, token_xe_loss
@@ -141,13 +142,14 @@ class Validator:
     """
 
     def __init__(self, store: FeatureStore, records: list[ImageRecord], spec: dict, device: str,
-                 scorers: dict | None = None):
+                 scorers: dict | None = None, grammar=None):
         n = spec["train"]["val_images"] or len(records)
         self.indices = usable_rows(store, records[:n])  # skipped (unreadable) images are not scored
         self.store, self.spec, self.device = store, spec, device
         self.records = [records[i] for i in self.indices]
         self.gts = None  # CIDEr references, tokenised at the first call (they need the tokenizer)
         self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
+        self.grammar = grammar  # the demo's caption grammar: fluent_pct in the curves (dico.demo.grammatical)
 
     def _cider_tokens(self, texts: list[str]) -> list[str]:
         """What the official validation CIDEr splits on whitespace (official utils.py compute_metrics):
@@ -180,6 +182,8 @@ class Validator:
             else:
                 s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
             metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
+        if self.grammar is not None:
+            metrics["fluent_pct"] = 100.0 * sum(map(self.grammar, caps)) / len(caps)
         metrics["example"] = caps[0]
         return metrics
 
@@ -443,7 +447,8 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, constant_with_warmup(cfg["warmup_ratio"], cfg["steps"]))
     scaler = runtime.DynamicLossScaler.from_config(device, spec["train"])
     loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
-                 Validator(val_store, val_records, spec, device), scaler, scheduler=sched, dist=dist)
+                 Validator(val_store, val_records, spec, device, grammar=grammar_of(splits_json)), scaler,
+                 scheduler=sched, dist=dist)
     amp = spec["train"]["amp"]
 
     def step():
@@ -508,7 +513,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     scorers = {metric: (evaluators[sel[key]["model"]], image_embs[sel[key]["model"]]["val"],
                         sel[key]["w"], sel[key]["prefix"])
                for metric, key in (("CLIP-S", "clip_s"), ("PAC-S", "pac_s"))}
-    validator = Validator(val_store, val_records, spec, device, scorers)
+    validator = Validator(val_store, val_records, spec, device, scorers, grammar=grammar_of(splits_json))
     log(f"{spec['run']}: {method} from {init_model} (XE step {payload['step']}), reward {spec['reward']}, "
         f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}, candidates in "
         f"{cfg['generation_mode']} mode, {spec['decoding']['style']} beam search")

@@ -1,4 +1,5 @@
 """Tests of dico.evaluator on tiny random CLIPs (no pretrained weights exist offline)."""
+import copy
 import json
 import os
 
@@ -12,8 +13,8 @@ open_clip = pytest.importorskip("open_clip")
 from PIL import Image
 
 from dico.data import ImageRecord
-from dico.evaluator import (Evaluator, build_tiny_clip, clip_scores, load_evaluator, reward_scores,
-                            save_evaluator, score_captions, tiny_clip_config, train_tiny_clip)
+from dico.demo_clip import build_tiny_clip, tiny_clip_config, train_tiny_clip
+from dico.evaluator import Evaluator, clip_scores, load_evaluator, reward_scores, save_evaluator, score_captions
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
@@ -299,7 +300,7 @@ def test_train_tiny_clip(tmp_path):
     print(f"tiny CLIP: matching {sum(good) / len(good):.3f} vs mismatched {sum(bad) / len(bad):.3f}", stats)
     assert sum(good) / len(good) > sum(bad) / len(bad) + 0.05, (sum(good), sum(bad))
     assert sum(g > b for g, b in zip(good, bad)) > 0.75 * len(good)
-    assert stats["train_r1"] > 0.3 and 0 <= stats["eval_r1"] <= 1
+    assert stats["train"]["i2t_r1"] > 0.3 and 0 <= stats["val"]["i2t_r1"] <= 1 and 0 <= stats["val"]["t2i_r1"] <= 1
 
 
 def test_train_tiny_clip_is_deterministic(tmp_path):
@@ -310,3 +311,70 @@ def test_train_tiny_clip_is_deterministic(tmp_path):
                         hard_negative_fn=_swap_colour, log=lambda s: None)
         sds.append(torch.load(tmp_path / f"r{run}.pth", weights_only=True)["state_dict"])
     assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_compact_token_table_trains_the_dense_table_adamw_would():
+    """CompactTokenTable + write_back against torch's AdamW on the full table (the reference)."""
+    from dico.demo_clip import CompactTokenTable
+
+    torch.manual_seed(0)
+    full_ref = torch.nn.Embedding(300, 8)
+    full = torch.nn.Embedding(300, 8)
+    full.load_state_dict(full_ref.state_dict())
+    used = torch.tensor([3, 17, 17, 42, 299, 5])
+    table = CompactTokenTable(full, used)
+    head = torch.nn.Linear(8, 1)
+    head_ref = copy.deepcopy(head)
+    opt_ref = torch.optim.AdamW([full_ref.weight, *head_ref.parameters()], lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW([table.weight, *head.parameters()], lr=1e-2, weight_decay=0.1)
+    for step in range(25):
+        lr = 1e-2 * (step + 1) / 25
+        for o in (opt_ref, opt):
+            o.param_groups[0]["lr"] = lr
+        tokens = used[torch.randint(len(used), (4, 3))]
+        for emb, h, o in ((full_ref, head_ref, opt_ref), (table, head, opt)):
+            o.zero_grad()
+            h(emb(tokens)).pow(2).mean().backward()
+            o.step()
+        table.decay *= 1 - lr * 0.1
+    table.write_back(full)
+    assert torch.allclose(full.weight, full_ref.weight, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(full_ref.weight[0], full_ref.weight[0] / table.decay)  # unused rows did decay
+    with pytest.raises(ValueError, match="not in the compact token table"):
+        table(torch.tensor([[4]]))
+
+
+def test_text_prefix_equals_the_full_text_tower():
+    from dico.demo_clip import encode_text_prefix
+    from dico.evaluator import tokenize
+
+    model = build_tiny_clip(CFG, 0).eval()
+    tokens = tokenize(["a red circle", "a large blue square to the left of a small green triangle"],
+                      CFG["text_cfg"]["context_length"])
+    assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to skip
+    with torch.no_grad():
+        assert torch.allclose(encode_text_prefix(model, tokens), model.encode_text(tokens), atol=1e-5)
+
+
+def test_retrieval_r1_both_ways_against_a_loop():
+    from dico.demo_clip import retrieval
+
+    class Fixed:  # embeddings given, so the ranking is known
+        def __init__(self, imgs, txts):
+            self.imgs, self.txts = imgs, txts
+
+        def embed_images(self, pixels):
+            return self.imgs
+
+        def embed_texts(self, texts):
+            return self.txts
+
+    torch.manual_seed(1)
+    captions = [["a", "b"], ["c", "a"], ["d", "e"]]  # "a" describes images 0 and 1
+    imgs, txts = torch.randn(3, 4), torch.randn(6, 4)
+    got = retrieval(Fixed(imgs, txts), None, captions)
+    flat = [c for cs in captions for c in cs]
+    sims = imgs @ txts.T
+    i2t = sum(flat[max(range(6), key=lambda j: sims[i, j])] in captions[i] for i in range(3)) / 3
+    t2i = sum(flat[j] in captions[max(range(3), key=lambda i: sims[i, j])] for j in range(6)) / 6
+    assert (got["i2t_r1"], got["t2i_r1"]) == (i2t, t2i)

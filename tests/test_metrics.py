@@ -63,7 +63,7 @@ def test_coco_metrics_equal_pycocoevalcap_with_meteor():  # ~30 s: two METEOR JV
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
     assert 0.5 < got["CIDEr"] < 5.0  # raw scale, not x100
-    assert got["SPICE"] is None and notes["SPICE"].startswith("skipped: Stanford CoreNLP 3.6.0 jars not found")
+    assert got["SPICE"] is None and notes["SPICE"].startswith(metrics.SPICE_MISSING + "; looked for")
     assert "stanford-corenlp-3.6.0-models.jar" in notes["SPICE"] and "METEOR" not in notes
 
 
@@ -97,7 +97,8 @@ def test_spice_jar_detection(tmp_path, monkeypatch):
     (given / "stanford-corenlp-3.6.0.jar").touch()
     assert find_spice_jars(given) is None  # the models jar is missing
     reason = metrics._spice_missing_reason(given)
-    assert str(given) in reason and str(lib) in reason and reason.endswith("SPICE needs them")
+    assert reason.startswith("not computed (Stanford CoreNLP 3.6.0 jars missing); ")
+    assert str(given) in reason and str(lib) in reason and "evaluate.spice_jar_dir" in reason
     (given / "stanford-corenlp-3.6.0-models.jar").touch()
     assert find_spice_jars(given) == given
     for jar in metrics.SPICE_JARS:  # pycocoevalcap's own lib/ is searched too

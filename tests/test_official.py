@@ -147,7 +147,8 @@ def test_export_needs_the_full_vocabulary(tmp_path):
 def test_exported_vision_tower_is_hf_clip_and_gives_our_grid_features(tmp_path):
     """The ledger row "grid features are all 1+P tokens before ln_post", proven by transformers' own
     CLIPVisionModel (last_hidden_state) on the tower exported from an OpenAI-format CLIP."""
-    from dico.evaluator import build_tiny_clip, load_evaluator, save_evaluator, tiny_clip_config
+    from dico.demo_clip import build_tiny_clip, tiny_clip_config
+    from dico.evaluator import load_evaluator, save_evaluator
 
     clip = build_tiny_clip(tiny_clip_config(embed_dim=32, image_size=56, patch_size=14, vision_width=FEAT * 2,
                                             vision_layers=2, text_width=64, text_layers=1, context_length=16), seed=0)

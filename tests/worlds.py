@@ -1,7 +1,8 @@
 """Tiny end-to-end worlds for the tests: demo images, a split file and a random tiny CLIP."""
 from dico.data import normalise_karpathy
 from dico.demo import make_demo_data
-from dico.evaluator import build_tiny_clip, load_evaluator, save_evaluator, tiny_clip_config
+from dico.demo_clip import build_tiny_clip, tiny_clip_config
+from dico.evaluator import load_evaluator, save_evaluator
 
 
 def tiny_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, image_size: int = 32):

@@ -7,7 +7,8 @@ rule train_clip:
     input:
         splits=splits_file(),
     output:
-        "results/clip_models/{name}.pt",
+        model="results/clip_models/{name}.pt",
+        stats="results/clip_models/{name}.json",
     params:
         spec=lambda wc: spec(dc.clip_model_spec(config, wc.name)),
     threads: 1
@@ -17,7 +18,7 @@ rule train_clip:
         "../../envs/features.yaml"
     shell:
         "dico train-clip --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        " --out {output.model} --stats {output.stats} --threads {threads} > {log} 2>&1"
 
 
 # features.jobs is how many jobs share a split; it is not in the spec: it does not change the shards.

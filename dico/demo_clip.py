@@ -1,0 +1,217 @@
+"""The demo's CLIP stand-ins: tiny open_clip models trained on the demo data (`dico train-clip`).
+
+They play every CLIP role of the paper's pipeline in the demo (frozen backbone, reward model, CLIP-S
+and PAC-S scorer; "pac" is trained with hard negatives, the stand-in for PAC-S's stronger training).
+They are saved in the PAC-S checkpoint layout and loaded back through `dico.evaluator.load_evaluator`,
+the loader of the real checkpoints, so the demo exercises the real loading path. Demo-only: nothing
+here serves a real checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .evaluator import HEAD_WIDTH, Evaluator, clip_preprocess, save_evaluator, tokenize
+
+def tiny_clip_config(embed_dim: int, image_size: int, patch_size: int, vision_width: int, vision_layers: int,
+                     text_width: int, text_layers: int, context_length: int, vocab_size: int = 49408) -> dict:
+    """An open_clip model config (the JSON schema of open_clip/model_configs) of an OpenAI-layout CLIP."""
+    for name, width in (("vision_width", vision_width), ("text_width", text_width)):
+        if width % HEAD_WIDTH or width <= 0:
+            raise ValueError(f"{name}={width}: must be a positive multiple of {HEAD_WIDTH}, because the "
+                             f"OpenAI-format loader infers heads = width // {HEAD_WIDTH}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    return {
+        "embed_dim": embed_dim,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": vision_width,
+                       "layers": vision_layers, "head_width": HEAD_WIDTH},
+        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": text_width,
+                     "heads": text_width // HEAD_WIDTH, "layers": text_layers},
+    }
+
+
+def build_tiny_clip(cfg: dict, seed: int):
+    """Randomly initialised open_clip CLIP from a config dict. The direct constructor gives the same
+    module names as open_clip.create_model, and with QuickGELU the OpenAI ones; the seed is local."""
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(cfg["embed_dim"], dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]),
+                    quick_gelu=cfg.get("quick_gelu", True))
+
+
+def encode_text_prefix(model, tokens: torch.Tensor, embed=None) -> torch.Tensor:
+    """`model.encode_text(tokens)` computed on the first L positions only, L = the last EOT + 1.
+
+    The text tower is causal: no position attends to a later one, so the output at EOT (the highest
+    id, where CLIP pools) does not depend on the padding after it. Demo captions fill ~20 of the 32
+    positions, so training on the prefix skips a third of the text tower's work; the result equals
+    the full pass up to float rounding (tests/test_evaluator.py checks it). `embed`: the token
+    embedding to use instead of `model.token_embedding` (`CompactTokenTable`)."""
+    from open_clip.transformer import text_global_pool
+
+    length = int(tokens.argmax(-1).max()) + 1
+    tokens = tokens[:, :length]
+    x = (model.token_embedding if embed is None else embed)(tokens) + model.positional_embedding[:length]
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    return text_global_pool(x, tokens, model.text_pool_type) @ model.text_projection
+
+
+class CompactTokenTable(torch.nn.Module):
+    """The rows of a CLIP token table that a training run can meet, trained in its place.
+
+    CLIP's table has 49,408 rows (the BPE vocabulary); the demo's captions use about a hundred. AdamW
+    updates every row of a dense table at every step, and for a row that never gets a gradient that
+    update is only the decoupled weight decay, p <- p (1 - lr_t wd). So training these rows alone and
+    then multiplying the others by the product of those factors (`write_back`) gives the dense run's
+    table (tests/test_evaluator.py checks it against torch's AdamW on the full table), for a third of
+    the cost of a tiny CLIP's step.
+    """
+
+    def __init__(self, full: torch.nn.Embedding, ids: torch.Tensor):
+        super().__init__()
+        self.ids = torch.unique(ids)
+        self.remap = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+        self.remap[self.ids] = torch.arange(len(self.ids))
+        self.weight = torch.nn.Parameter(full.weight.detach()[self.ids].clone())
+        self.decay = 1.0  # product of (1 - lr_t wd) over the steps: what AdamW did to the other rows
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        compact = self.remap[tokens]
+        if (compact < 0).any():
+            missing = sorted(set(tokens[compact < 0].tolist()))
+            raise ValueError(f"token ids {missing[:10]} are not in the compact token table: pass the texts "
+                             "they come from to train_tiny_clip(text_vocab=...)")
+        return F.embedding(compact, self.weight)
+
+    @torch.no_grad()
+    def write_back(self, full: torch.nn.Embedding) -> None:
+        full.weight.mul_(self.decay)
+        full.weight[self.ids] = self.weight
+
+
+def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int, lr: float, seed: int,
+                    hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
+                    log=print, eval_records=None, weight_decay: float = 0.1,
+                    warmup: int | None = None, text_vocab=()) -> dict:
+    """Contrastive training of a tiny CLIP on (image, one random caption of its refs) pairs.
+
+    Loss: symmetric InfoNCE with a learnable temperature (CLIP):
+        L = ½·CE(s·I Tᵀ, diag) + ½·CE(s·T Iᵀ, diag),  s = exp(logit_scale) ≤ 100.
+    With `hard_negative_fn`, each image also gets one perturbed caption whose embedding is an extra
+    NEGATIVE column of the image->text softmax ([B, B + H] logits); text->image stays [B, B]. This
+    teaches the tiny model details (colours, relations), standing in for PAC-S's stronger training.
+    AdamW (β = 0.9, 0.98, CLIP's), linear warmup then cosine decay to lr/10. Deterministic given seed.
+    The token table trains as a `CompactTokenTable` of the ids in the captions and in `text_vocab`
+    (texts `hard_negative_fn` may write words of), and the text tower on caption prefixes
+    (`encode_text_prefix`): the same model as the plain dense loop, at a fraction of its cost.
+    """
+    from tqdm import tqdm
+
+    from .data import load_image
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = build_tiny_clip(cfg, seed).train()
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+
+    # decode every image once: ~1,000 tiny images fit in memory many times over
+    images = torch.stack([clip_preprocess(load_image(r.path, "train"), size) for r in records])
+    captions = [list(r.captions) for r in records]
+    caption_tokens = [tokenize(c, ctx) for c in captions]
+    n = len(records)
+    bsz = min(batch_size, n)
+
+    vocab = [t.flatten() for t in caption_tokens] + ([tokenize(list(text_vocab), ctx).flatten()] if text_vocab else [])
+    table = CompactTokenTable(model.token_embedding, torch.cat(vocab))
+    params = [p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # gains, biases, logit scale
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = max(1, steps // 10) if warmup is None else warmup
+
+    def lr_at(step):  # linear warmup, then cosine from lr to lr/10
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        p = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    order: list[int] = []
+    losses, first_loss, acc = [], None, 0.0
+    bar = tqdm(range(steps), desc="tiny CLIP", disable=not sys.stderr.isatty())
+    for step in bar:
+        if len(order) < bsz:  # a fresh shuffled pass over the images
+            order += rng.sample(range(n), n)
+        idx, order = order[:bsz], order[bsz:]
+        picks = [rng.randrange(len(captions[i])) for i in idx]
+        tokens = torch.stack([caption_tokens[i][j] for i, j in zip(idx, picks)])
+        if hard_negative_fn is not None:
+            negs = [hard_negative_fn(captions[i][j], rng) for i, j in zip(idx, picks)]
+            negs = [t for t in negs if t]
+            if negs:
+                tokens = torch.cat([tokens, tokenize(negs, ctx)])
+        img = F.normalize(model.encode_image(images[idx]), dim=-1)
+        txt = F.normalize(encode_text_prefix(model, tokens, table), dim=-1)
+        scale = model.logit_scale.exp()
+        logits = scale * img @ txt.T                       # [B, B + H]: negatives only add columns
+        target = torch.arange(len(idx))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(idx)].T, target))
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        table.decay *= 1 - lr_at(step) * weight_decay
+        with torch.no_grad():  # CLIP clamps the temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+
+        losses.append(loss.item())
+        first_loss = losses[0] if first_loss is None else first_loss
+        # in-batch i->t accuracy; a column with the same token ids as the positive counts as a hit
+        # (generated captions repeat, so two images of a batch may share the positive text)
+        acc = (tokens[logits.argmax(1)] == tokens[:len(idx)]).all(1).float().mean().item()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{acc:.2f}")
+        if step % 50 == 0 or step == steps - 1:
+            log(f"tiny CLIP step {step + 1}/{steps}: loss {losses[-1]:.4f}, in-batch i->t acc {acc:.3f}, "
+                f"lr {lr_at(step):.2e}, logit scale {scale.item():.1f}")
+
+    table.write_back(model.token_embedding)
+    train_s = time.time() - t0
+    save_evaluator(model, out_path)
+    ev = Evaluator(model)
+    stats = {"steps": steps, "n_images": n, "batch_size": bsz, "first_loss": first_loss,
+             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+             "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
+             "train": retrieval(ev, images[:512], captions[:512]),
+             "n_params": sum(p.numel() for p in model.parameters()),
+             "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
+    if eval_records:
+        eval_images = torch.stack([ev.preprocess(load_image(r.path, "val")) for r in eval_records])
+        stats["val"] = retrieval(ev, eval_images, [list(r.captions) for r in eval_records])
+    log(f"tiny CLIP done: {stats}")
+    return stats
+
+
+def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:
+    """R@1 both ways over a set's images and all their captions: i2t_r1 = share of images whose top
+    caption is one of their own, t2i_r1 = share of captions whose top image is one they describe. Hits
+    compare *texts*: generated data repeats captions across images ("a red circle"), and any image a
+    caption belongs to is a right answer for it."""
+    flat = [c for caps in captions for c in caps]
+    sims = ev.embed_images(pixels) @ ev.embed_texts(flat).T     # [images, captions]
+    i2t = sum(flat[t] in caps for t, caps in zip(sims.argmax(1).tolist(), captions))
+    t2i = sum(text in captions[i] for text, i in zip(flat, sims.argmax(0).tolist()))
+    return {"i2t_r1": i2t / max(1, len(captions)), "t2i_r1": t2i / max(1, len(flat)),
+            "images": len(captions), "captions": len(flat)}
