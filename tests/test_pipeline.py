@@ -56,6 +56,12 @@ def test_every_output_exists(demo_run):
     for fig in ("training_curves", "tradeoff", "ablations", "qualitative"):
         assert (res / "figures" / f"{fig}.pdf").stat().st_size > 1000
         assert (res / "figures" / f"{fig}.png").stat().st_size > 1000
+    for name in config["clip_models"]:  # the stand-ins say how well they retrieve
+        stats = json.loads((res / "clip_models" / f"{name}.json").read_text())
+        assert 0 <= stats["val"]["i2t_r1"] <= 1 and 0 <= stats["val"]["t2i_r1"] <= 1
+        assert stats["val"]["images"] == config["data"]["demo"]["n_val"]
+    main = (res / "tables" / "main.tex").read_text()
+    assert r"Fluent \%" in main and "Selected checkpoint (training step, by validation): XE " in main
     logs = list((res / "logs").rglob("*.log"))
     assert len(logs) >= len(C.runs(config)) * 3  # train, generate, evaluate per run, and more
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
@@ -73,6 +79,7 @@ def test_metrics_are_numbers_or_null_with_a_reason_and_carry_provenance(demo_run
         assert prov["git_commit"] and prov["versions"]["torch"] and prov["device"] and prov["wall_time_s"] > 0
         assert prov["run_provenance"]["seed"] == 0 and prov["run_provenance"]["spec"]["run"] == m["run"]
         assert {"vocab_size", "novel_pct", "mean_length", "repeat_pct"} <= set(m["diversity"])
+        assert 0 <= m["diversity"]["fluent_pct"] <= 100, path  # a demo set: the grammar is known
 
 
 def test_xe_learns_and_dico_raises_the_evaluator_score_keeping_cider(demo_run):
