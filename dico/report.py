@@ -430,7 +430,7 @@ def _add_fluency(table: Table) -> None:
         r.cells["Fluent"] = Cell([float(m["diversity"]["fluent_pct"]) for m in r.sources])
     table.columns.append("Fluent")
     table.keys["Fluent"] = "fluent_pct"
-    table.headers["Fluent"] = r"Fluent \%"
+    table.headers["Fluent"] = "Fluent %"  # escaped by to_latex
     table.notes.append(r"Fluent: \% of the captions the demo's caption grammar can produce "
                        r"(\texttt{dico.demo.grammatical}); a percentage, not scaled.")
 
@@ -611,12 +611,14 @@ def _plot_training(ax, train: list[dict], run: str) -> None:
 
 
 def figure_training_curves(logs: dict[str, str], out_pdf, spec: dict | None = None) -> dict:
-    """One row per run: training loss / reward | validation metrics (x100) vs step, best step dotted."""
+    """One row per run: training loss / reward | validation metrics (x100) vs step, the selected step
+    dotted, and on demo data the % of fluent captions (`fluent_pct`, right axis)."""
     plt = _pyplot()
     runs = run_order(logs, (spec or {}).get("scst_rewards", []))
     colours = dict(zip(VAL_METRICS, ["tab:blue", "tab:green", "tab:red", "tab:purple"]))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(runs), 2, figsize=(7.0, 1.8 * len(runs) + 0.8), squeeze=False)
+        twins = []
         for (ax_train, ax_val), run in zip(axes, runs):
             train, val = read_train_log(logs[run])
             _plot_training(ax_train, train, run)
@@ -627,12 +629,18 @@ def figure_training_curves(logs: dict[str, str], out_pdf, spec: dict | None = No
             best = [r["step"] for r in val if r.get("best")]
             if best:
                 ax_val.axvline(best[-1], color="0.4", ls=":", lw=1, label="selected")
+            fluent = [(r["step"], r["fluent_pct"]) for r in val if r.get("fluent_pct") is not None]
+            if fluent:  # demo only: % of captions its grammar can produce, on its own axis (0-100)
+                ax_f = ax_val.twinx()
+                ax_f.plot(*zip(*fluent), ls="--", marker=".", ms=3, color="0.2", label="fluent %")
+                ax_f.set(ylim=(0, 100), ylabel="fluent %")
+                twins.append(ax_f)
             ax_val.set(title=f"{run_label(run, latex=False)}: validation", xlabel="step", ylabel=r"score $\times$100")
             for ax in (ax_train, ax_val):
                 if not ax.lines:
                     ax.text(0.5, 0.5, "no rows logged", ha="center", va="center", transform=ax.transAxes)
         handles = {}
-        for ax in axes.flat:  # one legend for the whole figure, above it: no line hidden behind text
+        for ax in [*axes.flat, *twins]:  # one legend for the whole figure, above it: no line hidden behind text
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
         fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, frameon=False,

@@ -117,6 +117,26 @@ def test_a_fine_tune_that_kept_its_starting_model_is_marked(tmp_path):
     assert "ddagger" not in clean
 
 
+def test_main_table_fluency_column_on_demo_data_and_the_selected_steps(tmp_path):
+    paths = main_metrics(tmp_path)
+    fluent = {"xe": 91.0, "scst_cider": 80.0, "scst_clip_s": 42.5, "scst_pac_s": 60.0, "dico": 88.0}
+    for path, run in zip(paths, MAIN_RUNS):  # as evaluate writes them on a demo set
+        m = json.loads(path.read_text())
+        m["diversity"]["fluent_pct"] = fluent[run]
+        m["provenance"]["run_provenance"]["best_step"] = 0 if run == "scst_clip_s" else 10 * (1 + MAIN_RUNS.index(run))
+        path.write_text(json.dumps(m))
+    tex = report.to_latex(report.main_table(report.load_metrics(paths), SPEC, dataset="demo"))
+    assert r"& RefPAC-S & Fluent \% \\" in tex
+    assert cells(tex, "XE")[-1] == r"\textbf{91.0}" and cells(tex, r"SCST (CLIP-S)$^\ddagger$")[-1] == "42.5"  # not x100
+    assert ("Selected checkpoint (training step, by validation): XE 10; SCST (CIDEr) 20; SCST (CLIP-S) 0; "
+            "SCST (PAC-S) 40; DiCO 50.") in tex
+    # one file without the measure (a set that is not the demo's): no column rather than a wrong one
+    m = json.loads(paths[0].read_text())
+    m["diversity"]["fluent_pct"] = None
+    paths[0].write_text(json.dumps(m))
+    assert "Fluent" not in report.to_latex(report.main_table(report.load_metrics(paths), SPEC, dataset="demo"))
+
+
 def test_main_table_keeps_only_runs_with_metrics(tmp_path):
     paths = main_metrics(tmp_path)
     table = report.main_table(report.load_metrics([paths[4], paths[0]]), SPEC)
@@ -320,7 +340,7 @@ def write_log(root, run, fine_tune):
     for step in range(10, 110, 10):
         rows.append({"step": step, "phase": "train", "loss": 3.0 / step ** 0.3, "step_s": 0.1})
         if step % 50 == 0:
-            val = {"CIDEr": 0.5 + step / 200}
+            val = {"CIDEr": 0.5 + step / 200, "fluent_pct": 90.0 - step / 10}  # as on demo data
             if fine_tune:
                 val.update({"CLIP-S": 0.6, "RefCLIP-S": 0.65, "PAC-S": 0.7 + step / 1000, "RefPAC-S": 0.75})
             rows.append({"step": step, "phase": "val", **val, "best": step == 100, "example": "a cat", "val_s": 1})
