@@ -1,0 +1,65 @@
+"""The demo's tiny CLIP training step: the plain loop (AdamW over CLIP's whole 49,408-row token
+table, the text tower over the full 32-token context) against dico.demo_clip's (a CompactTokenTable of
+the ids the captions use, the text tower on caption prefixes). Both compute the same model
+(tests/test_evaluator.py); this measures what the shortcut saves at the demo's shapes."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from common import interleaved
+
+
+def _demo_captions(n: int, seed: int = 0) -> list[str]:
+    from dico import demo
+
+    rng = random.Random(seed)
+    return [demo.caption(demo.random_scene(rng), rng) for _ in range(n)]
+
+
+def _step_fn(fast: bool, images, tokens, cfg, seed: int = 0):
+    from dico.demo_clip import CompactTokenTable, build_tiny_clip, encode_text_prefix
+
+    model = build_tiny_clip(cfg, seed).train()
+    table = CompactTokenTable(model.token_embedding, tokens.flatten()) if fast else None
+    params = ([p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight]
+              if fast else list(model.parameters()))
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    n = len(images)
+
+    def step():
+        img = F.normalize(model.encode_image(images), dim=-1)
+        text = encode_text_prefix(model, tokens, table) if fast else model.encode_text(tokens)
+        logits = model.logit_scale.exp() * img @ F.normalize(text, dim=-1).T
+        target = torch.arange(n)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    return step
+
+
+def bench_demo_clip_step(quick: bool) -> str:
+    """One step at config/config.yaml's demo sizes: 128 images of 64 px (patch 8), 128 captions +
+    128 hard negatives, ViT and text tower width 64 x 2 layers, 32-token context."""
+    from dico.demo_clip import tiny_clip_config
+    from dico.evaluator import tokenize
+
+    cfg = tiny_clip_config(embed_dim=64, image_size=64, patch_size=8, vision_width=64, vision_layers=2,
+                           text_width=64, text_layers=2, context_length=32)
+    torch.manual_seed(0)
+    images = torch.randn(128, 3, 64, 64)
+    tokens = tokenize(_demo_captions(256), 32)
+    times = interleaved({"plain": _step_fn(False, images, tokens, cfg), "demo_clip": _step_fn(True, images, tokens, cfg)},
+                        repeats=3 if quick else 7)
+    used = int(tokens.argmax(-1).max()) + 1
+    return (f"demo_clip_step: tiny CLIP step (128 images + 256 texts, {len(torch.unique(tokens))} of 49,408 token "
+            f"ids, captions fill {used} of 32 positions), plain {times['plain'] * 1e3:.0f} ms vs dico.demo_clip "
+            f"{times['demo_clip'] * 1e3:.0f} ms {times['plain'] / times['demo_clip']:.1f}x")
