@@ -232,6 +232,7 @@ def _grammar():
     rel = _alternatives(w for ws in RELATION_WORDS.values() for w in ws)
     pos = r"the (?:center|left|right|top|bottom|(?:top|bottom) (?:left|right))"
     a, b, c = _phrase("a"), _phrase("b"), _phrase("c")
+    rel = f"(?P<rel>{rel})"  # templates with a relation between a and b capture it (`swapped`)
     templates = [  # `caption` without its punctuation, template by template
         a, f"a picture of {a}", f"there is {a}", f"{a} in {pos}", f"an image with {a} in {pos}",
         f"a single {_phrase('a', article=False)}",
@@ -278,6 +279,48 @@ def grammar_of(splits_json):
         return None
     dataset = str(json.loads(Path(splits_json).read_text()).get("dataset", ""))
     return grammatical if dataset.startswith("demo") else None
+
+
+def swapped(text: str) -> dict[str, str | None]:
+    """The swap test's variants of a caption with two or more shapes (after `simple_tokenize`), each
+    describing another scene: "attributes" swaps the colours of its first two shapes ("a red circle
+    left of a blue box" -> "a blue circle left of a red box"), "relation" swaps the two sides of its
+    relation ("a blue box left of a red circle"). None where the caption has no such pair: one shape,
+    no relation ("a and b"), equal colours / shapes (the swap would give the same scene back), or a
+    swap that would name one shape twice."""
+    from .cider import simple_tokenize
+
+    global _TEMPLATES
+    _TEMPLATES = _TEMPLATES or _grammar()
+    words = simple_tokenize(text)
+    out: dict[str, str | None] = {"attributes": None, "relation": None}
+    m = next((m for t in _TEMPLATES if (m := t.fullmatch(words))), None)
+    if m is None or not m.groupdict().get("b_colour"):
+        return out
+    first, second = m["a_first"], m["b_first"]  # the phrases without their articles (they follow them)
+    if m["a_colour"] != m["b_colour"] and _SHAPE_CLASS[m["a_shape"]] != _SHAPE_CLASS[m["b_shape"]]:
+        out["attributes"] = _replace_phrases(words, m, _swap_word(first, m["a_colour"], m["b_colour"]),
+                                             _swap_word(second, m["b_colour"], m["a_colour"]))
+    if m.groupdict().get("rel"):
+        out["relation"] = _replace_phrases(words, m, second, first)
+    # a swap that names one shape twice (a third shape has the swapped colour) describes no scene
+    return {kind: v if v is not None and grammatical(v) else None for kind, v in out.items()}
+
+
+def _swap_word(phrase: str, old: str, new: str) -> str:
+    return " ".join(new if w == old else w for w in phrase.split())
+
+
+def _replace_phrases(words: str, m, new_a: str, new_b: str) -> str:
+    """`words` with noun phrases a and b (article included) replaced by new_a and new_b, each with the
+    article it needs."""
+    a0, b0, b1 = m.start("a_art"), m.start("b_art"), m.end("b_first")
+    return (words[:a0] + f"{_article(new_a)} {new_a}" + words[m.end("a_first"):b0] + f"{_article(new_b)} {new_b}"
+            + words[b1:])
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
 
 
 def fluent_pct(texts) -> float:

@@ -200,6 +200,7 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     if eval_records:
         eval_images = torch.stack([ev.preprocess(load_image(r.path, "val")) for r in eval_records])
         stats["val"] = retrieval(ev, eval_images, [list(r.captions) for r in eval_records])
+        stats["swap_test"] = swap_test(ev, eval_images, [list(r.captions) for r in eval_records])
     log(f"tiny CLIP done: {stats}")
     return stats
 
@@ -215,3 +216,33 @@ def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) ->
     t2i = sum(text in captions[i] for text, i in zip(flat, sims.argmax(0).tolist()))
     return {"i2t_r1": i2t / max(1, len(captions)), "t2i_r1": t2i / max(1, len(flat)),
             "images": len(captions), "captions": len(flat)}
+
+
+def swap_test(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:
+    """How the model reacts when a caption's attributes or the sides of its relation are swapped
+    (`dico.demo.swapped`: the swapped caption describes another scene). Per kind: the number of
+    (image, caption) pairs, the mean cosine drop (original - swapped) x100, and the % of pairs where
+    the original scores higher (50 = blind to the swap). The paper's premise: CLIP-based scores are
+    partly blind to word order and binding, PAC-S's training less so."""
+    from .cider import simple_tokenize
+    from .demo import swapped
+
+    pairs = {"attributes": [], "relation": []}
+    for i, caps in enumerate(captions):
+        for c in caps:
+            for kind, text in swapped(c).items():
+                if text:
+                    pairs[kind].append((i, simple_tokenize(c), text))
+    image_embs = ev.embed_images(pixels)
+    out = {}
+    for kind, rows in pairs.items():
+        if not rows:
+            out[kind] = {"pairs": 0, "cos_drop_x100": None, "prefers_original_pct": None}
+            continue
+        img = image_embs[[i for i, _, _ in rows]]
+        orig = (img * ev.embed_texts([o for _, o, _ in rows])).sum(-1)
+        swap = (img * ev.embed_texts([t for _, _, t in rows])).sum(-1)
+        drop = orig - swap
+        out[kind] = {"pairs": len(rows), "cos_drop_x100": round(100 * float(drop.mean()), 3),
+                     "prefers_original_pct": round(100 * float((drop > 0).float().mean()), 1)}
+    return out

@@ -113,3 +113,30 @@ def test_the_enumeration_is_not_trivially_small():
     assert len(_one_shape_language(demo.COLOURS, demo.BACKGROUNDS)) > 50_000
     assert not any(grammatical(" ".join(p)) for p in itertools.permutations(["a", "red", "circle"]) if
                    " ".join(p) != "a red circle")
+
+
+def test_swapped_variants_are_grammatical_other_scenes_and_undo_themselves():
+    rng = random.Random(2)
+    seen = {"attributes": 0, "relation": 0}
+    for _ in range(300):
+        scene = demo.random_scene(rng)
+        for text in demo.captions(scene, rng, 5):
+            for kind, variant in demo.swapped(text).items():
+                if variant is None:
+                    continue
+                seen[kind] += 1
+                assert grammatical(variant) and variant != simple_tokenize(text), (kind, text, variant)
+                assert demo.swapped(variant)[kind] == simple_tokenize(text)  # swapping twice undoes it
+    assert seen["attributes"] > 100 and seen["relation"] > 100
+
+
+@pytest.mark.parametrize("text, attributes, relation", [
+    ("a large red circle to the left of an orange box", "a large orange circle to the left of a red box",
+     "an orange box to the left of a large red circle"),
+    ("a red circle and a blue box", "a blue circle and a red box", None),       # no relation to swap
+    ("a red circle above a red box", None, "a red box above a red circle"),     # one colour: same scene
+    ("a blue circle above a green disk", None, "a green disk above a blue circle"),  # one shape class
+    ("there is a blue circle", None, None),
+])
+def test_swapped_by_hand(text, attributes, relation):
+    assert demo.swapped(text) == {"attributes": attributes, "relation": relation}

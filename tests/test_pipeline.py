@@ -60,6 +60,8 @@ def test_every_output_exists(demo_run):
         stats = json.loads((res / "clip_models" / f"{name}.json").read_text())
         assert 0 <= stats["val"]["i2t_r1"] <= 1 and 0 <= stats["val"]["t2i_r1"] <= 1
         assert stats["val"]["images"] == config["data"]["demo"]["n_val"]
+        for kind in ("attributes", "relation"):  # the swap test of the README
+            assert stats["swap_test"][kind]["pairs"] > 20 and 0 <= stats["swap_test"][kind]["prefers_original_pct"] <= 100
     main = (res / "tables" / "main.tex").read_text()
     assert r"Fluent \%" in main and "Selected checkpoint (training step, by validation): XE " in main
     logs = list((res / "logs").rglob("*.log"))
