@@ -21,23 +21,18 @@ def _demo_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _step_fn(fast: bool, images, tokens, cfg, seed: int = 0):
-    from dico.demo_clip import CompactTokenTable, build_tiny_clip, encode_text_prefix
+    from dico.demo_clip import CompactTokenTable, build_tiny_clip, clip_optimizer, contrastive_loss, encode_text_prefix
 
     model = build_tiny_clip(cfg, seed).train()
     table = CompactTokenTable(model.token_embedding, tokens.flatten()) if fast else None
     params = ([p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight]
-              if fast else list(model.parameters()))
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    n = len(images)
+              if fast else model.parameters())
+    opt = clip_optimizer(params, 1e-3, 0.1)
 
     def step():
         img = F.normalize(model.encode_image(images), dim=-1)
         text = encode_text_prefix(model, tokens, table) if fast else model.encode_text(tokens)
-        logits = model.logit_scale.exp() * img @ F.normalize(text, dim=-1).T
-        target = torch.arange(n)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target))
+        loss, _ = contrastive_loss(model, img, F.normalize(text, dim=-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -262,6 +262,7 @@ def cmd_generate(args):
 def cmd_evaluate(args):
     """Score captions of one or more splits (one process: the METEOR JVM starts once)."""
     from .data import load_split
+    from .demo import grammar_of
     from .runtime import configure
 
     s = _spec(args, C.evaluate_spec)
@@ -273,13 +274,13 @@ def cmd_evaluate(args):
     evaluators = {name: _load_clip(m, ckpts.get(name), device) for name, m in s["clip_models"].items()}
     jobs = _per_split(args, "captions", "out")
     train_caps = ([c for r in load_split(args.splits, "train") for c in r.captions] if args.splits else [])
+    grammar = grammar_of(args.splits)  # the demo's caption grammar on a demo set (diversity.fluent_pct)
     for job in jobs:
-        _evaluate_split(args, s, job, evaluators, train_caps, device)
+        _evaluate_split(args, s, job, evaluators, train_caps, grammar, device)
 
 
-def _evaluate_split(args, s, job, evaluators, train_caps, device):
+def _evaluate_split(args, s, job, evaluators, train_caps, grammar, device):
     from .data import ImageRecord, load_split
-    from .demo import grammar_of
     from .evaluate import embed_images, load_captions, load_references, score
     from .io import provenance, write_json
 
@@ -301,7 +302,7 @@ def _evaluate_split(args, s, job, evaluators, train_caps, device):
                             embed_images(evaluator, [r.path for r in records], device=device,
                                          split=split, skip_broken=args.skip_broken_images,
                                          log=log.info).to(device))
-    result = score(captions, records, s, evaluators, image_embs, train_caps, grammar_of(args.splits))
+    result = score(captions, records, s, evaluators, image_embs, train_caps, grammar)
     run_prov = _run_provenance(args.model_checkpoint)
     write_json(job["out"], {"run": args.run, "split": split, "captions": str(job["captions"]),
                             "n_images": len(records), **result,

@@ -20,13 +20,14 @@ nocaps' novel objects: the captioner and the evaluators only ever saw the traini
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .io import atomic_path, write_json
+from .io import atomic_path, read_json, write_json
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -132,6 +133,11 @@ def position(sh: Shape) -> str:
 
 
 # -- captions ----------------------------------------------------------------------------------
+def _article(phrase: str) -> str:
+    """The article a noun phrase takes ("an orange box", "a red circle")."""
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
 def _noun_phrase(sh: Shape, rng: random.Random, p_size: float, article: bool = True) -> str:
     words = []
     if rng.random() < p_size:
@@ -140,7 +146,7 @@ def _noun_phrase(sh: Shape, rng: random.Random, p_size: float, article: bool = T
     phrase = " ".join(words)
     if not article:
         return phrase
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+    return f"{_article(phrase)} {phrase}"
 
 
 def _with_background(text: str, scene: Scene, rng: random.Random, p: float) -> str:
@@ -244,7 +250,9 @@ def _grammar():
     return [re.compile(t + background) for t in templates]
 
 
-_TEMPLATES: list | None = None
+@functools.cache
+def _templates() -> list:
+    return _grammar()
 
 
 def grammatical(text: str) -> bool:
@@ -253,16 +261,13 @@ def grammatical(text: str) -> bool:
     and the shapes of one caption differ in colour or shape, as `random_scene` draws them."""
     from .cider import simple_tokenize
 
-    global _TEMPLATES
-    _TEMPLATES = _TEMPLATES or _grammar()
     words = simple_tokenize(text)
-    for template in _TEMPLATES:
+    for template in _templates():
         m = template.fullmatch(words)
         if m is None:
             continue
         names = [n for n in "abc" if m.groupdict().get(f"{n}_colour")]
-        if any(m[f"{n}_art"] is not None and m[f"{n}_art"] != ("an" if m[f"{n}_first"][0] in "aeiou" else "a")
-               for n in names if f"{n}_art" in m.groupdict()):
+        if any(m.groupdict().get(f"{n}_art") not in (None, _article(m[f"{n}_first"])) for n in names):
             continue
         shapes = [(m[f"{n}_colour"], _SHAPE_CLASS[m[f"{n}_shape"]]) for n in names]
         if len(set(shapes)) == len(shapes):
@@ -273,11 +278,9 @@ def grammatical(text: str) -> bool:
 def grammar_of(splits_json):
     """`grammatical` when `splits_json` (a dico-splits file) is a demo set (its `dataset` is "demo" or
     "demo-unseen-..."), else None: only the demo knows the grammar of its references."""
-    import json
-
     if not splits_json:
         return None
-    dataset = str(json.loads(Path(splits_json).read_text()).get("dataset", ""))
+    dataset = str(read_json(splits_json).get("dataset", ""))
     return grammatical if dataset.startswith("demo") else None
 
 
@@ -290,11 +293,9 @@ def swapped(text: str) -> dict[str, str | None]:
     swap that would name one shape twice."""
     from .cider import simple_tokenize
 
-    global _TEMPLATES
-    _TEMPLATES = _TEMPLATES or _grammar()
     words = simple_tokenize(text)
     out: dict[str, str | None] = {"attributes": None, "relation": None}
-    m = next((m for t in _TEMPLATES if (m := t.fullmatch(words))), None)
+    m = next((m for t in _templates() if (m := t.fullmatch(words))), None)
     if m is None or not m.groupdict().get("b_colour"):
         return out
     first, second = m["a_first"], m["b_first"]  # the phrases without their articles (they follow them)
@@ -317,18 +318,6 @@ def _replace_phrases(words: str, m, new_a: str, new_b: str) -> str:
     a0, b0, b1 = m.start("a_art"), m.start("b_art"), m.end("b_first")
     return (words[:a0] + f"{_article(new_a)} {new_a}" + words[m.end("a_first"):b0] + f"{_article(new_b)} {new_b}"
             + words[b1:])
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[0] in "aeiou" else "a"
-
-
-def fluent_pct(texts) -> float:
-    """% of `texts` the demo's grammar can produce (`grammatical`)."""
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no captions")
-    return 100.0 * sum(map(grammatical, texts)) / len(texts)
 
 
 # -- hard negatives for the demo evaluator -------------------------------------------------------
@@ -366,7 +355,7 @@ def perturb_caption(text: str, rng: random.Random) -> str | None:
     word = words[i].strip(",:")
     words[i] = words[i].replace(word, rng.choice(rng.choice(others)))
     if i > 0 and words[i - 1] in ("a", "an"):  # keep the article right: a wrong one would give it away
-        words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+        words[i - 1] = _article(words[i])
     return " ".join(words)
 
 

@@ -99,6 +99,23 @@ class CompactTokenTable(torch.nn.Module):
         full.weight[self.ids] = self.weight
 
 
+def clip_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """CLIP's AdamW (β = 0.9, 0.98, eps 1e-6), weight decay on matrices only (not on gains, biases
+    and the logit scale)."""
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def contrastive_loss(model, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of normalised image embeddings [B, D] against text embeddings [B + H, D]: the
+    first B texts are the positives, the H after them extra negatives of image->text only."""
+    logits = model.logit_scale.exp() * img @ txt.T                   # [B, B + H]
+    target = torch.arange(len(img))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(img)].T, target)), logits
+
+
 def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int, lr: float, seed: int,
                     hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
                     log=print, eval_records=None, weight_decay: float = 0.1,
@@ -134,11 +151,8 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
 
     vocab = [t.flatten() for t in caption_tokens] + ([tokenize(list(text_vocab), ctx).flatten()] if text_vocab else [])
     table = CompactTokenTable(model.token_embedding, torch.cat(vocab))
-    params = [p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # gains, biases, logit scale
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = clip_optimizer([p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight],
+                         lr, weight_decay)
     warmup = max(1, steps // 10) if warmup is None else warmup
 
     def lr_at(step):  # linear warmup, then cosine from lr to lr/10
@@ -163,10 +177,8 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
                 tokens = torch.cat([tokens, tokenize(negs, ctx)])
         img = F.normalize(model.encode_image(images[idx]), dim=-1)
         txt = F.normalize(encode_text_prefix(model, tokens, table), dim=-1)
-        scale = model.logit_scale.exp()
-        logits = scale * img @ txt.T                       # [B, B + H]: negatives only add columns
-        target = torch.arange(len(idx))
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :len(idx)].T, target))
+        loss, logits = contrastive_loss(model, img, txt)   # negatives only add columns
+        scale = model.logit_scale.detach().exp()  # for the log: the temperature this step used
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -199,8 +211,9 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
              "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
     if eval_records:
         eval_images = torch.stack([ev.preprocess(load_image(r.path, "val")) for r in eval_records])
-        stats["val"] = retrieval(ev, eval_images, [list(r.captions) for r in eval_records])
-        stats["swap_test"] = swap_test(ev, eval_images, [list(r.captions) for r in eval_records])
+        eval_captions = [list(r.captions) for r in eval_records]
+        stats["val"] = retrieval(ev, eval_images, eval_captions)
+        stats["swap_test"] = swap_test(ev, eval_images, eval_captions)
     log(f"tiny CLIP done: {stats}")
     return stats
 

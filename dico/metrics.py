@@ -166,6 +166,11 @@ def _has_repeat(words: list[str]) -> bool:
 NO_GRAMMAR = "only the demo knows the grammar of its captions (fluent_pct is a demo measure)"
 
 
+def fluent_pct(texts: list[str], grammar) -> float:
+    """% of `texts` that `grammar` (the demo's `dico.demo.grammatical`) accepts."""
+    return 100.0 * sum(map(grammar, texts)) / len(texts)
+
+
 def diversity(cands: dict | list, train_captions: Iterable[str], grammar=None) -> dict:
     """Diversity/fluency statistics of generated captions, after `simple_tokenize` (lower-case, no punctuation).
 
@@ -191,7 +196,7 @@ def diversity(cands: dict | list, train_captions: Iterable[str], grammar=None) -
         "distinct_1": len(set(unigrams)) / len(unigrams) if unigrams else 0.0,
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "repeat_pct": 100.0 * sum(map(_has_repeat, words)) / len(words),
-        "fluent_pct": 100.0 * sum(map(grammar, texts)) / len(texts) if grammar else None,
+        "fluent_pct": fluent_pct(texts, grammar) if grammar else None,
         **({} if grammar else {"fluent_pct_reason": NO_GRAMMAR}),
     }
 

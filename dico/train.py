@@ -173,6 +173,7 @@ class Validator:
         cider, _ = cider_d(self.gts, {i: [t] for i, t in enumerate(self._cider_tokens(caps))})
         metrics = {"CIDEr": cider}
         from .evaluator import score_captions, score_captions_validation_form
+        from .metrics import fluent_pct
 
         form = self.spec.get("selection", {}).get("form", "metric")
         refs = [list(r.captions) for r in self.records]
@@ -183,7 +184,7 @@ class Validator:
                 s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
             metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
         if self.grammar is not None:
-            metrics["fluent_pct"] = 100.0 * sum(map(self.grammar, caps)) / len(caps)
+            metrics["fluent_pct"] = fluent_pct(caps, self.grammar)
         metrics["example"] = caps[0]
         return metrics
 
