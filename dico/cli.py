@@ -145,14 +145,15 @@ def cmd_cache_embeddings(args):
     configure(0, True, args.threads)
     device = _device(s["device"])
     evaluator = _load_clip(s, args.checkpoint, device)
-    records = load_split(args.splits, args.split)
-    t0 = time.time()
-    embs = embed_images(evaluator, [r.path for r in records], device=device, split=args.split,
-                        skip_broken=args.skip_broken_images or s.get("skip_broken_images", False), log=log.info)
-    torch_save({"model": s["name"], "split": args.split, "image_ids": [r.image_id for r in records],
-                "skipped_images": [records[i].image_id for i in skipped_rows(embs)],
-                "embeddings": embs.half() if device.startswith("cuda") else embs}, args.out)
-    log.info("image embeddings %s/%s: %s in %.1fs", s["name"], args.split, tuple(embs.shape), time.time() - t0)
+    for job in _per_split(args, "out"):  # one model load for all the splits of the job
+        records = load_split(args.splits, job["split"])
+        t0 = time.time()
+        embs = embed_images(evaluator, [r.path for r in records], device=device, split=job["split"],
+                            skip_broken=args.skip_broken_images or s.get("skip_broken_images", False), log=log.info)
+        torch_save({"model": s["name"], "split": job["split"], "image_ids": [r.image_id for r in records],
+                    "skipped_images": [records[i].image_id for i in skipped_rows(embs)],
+                    "embeddings": embs.half() if device.startswith("cuda") else embs}, job["out"])
+        log.info("image embeddings %s/%s: %s in %.1fs", s["name"], job["split"], tuple(embs.shape), time.time() - t0)
 
 
 def _parse_named(values: list[str] | None, what: str) -> dict[str, str]:
@@ -221,14 +222,18 @@ def cmd_train(args):
                    device=device, log=log.info, dist=dist, **out)
 
 
-def _per_split(args, *names):
-    """--split S [S ...] with one --<name> per split, in the same order."""
+def _per_split(args, *names, runs: int = 1):
+    """--split S [S ...] with one --<name> per split, in the same order; with several runs (one job
+    for all runs, evaluate.group_runs), one per run and split, run-major: r1/S1, r1/S2, r2/S1, ..."""
+    n = runs * len(args.split)
     for name in names:
         values = getattr(args, name)
-        if len(values) != len(args.split):
-            raise SystemExit(f"give one --{name.replace('_', '-')} per --split ({len(args.split)} splits, "
-                             f"{len(values)} --{name.replace('_', '-')})")
-    return [dict(zip(("split", *names), row)) for row in zip(args.split, *(getattr(args, n) for n in names))]
+        if len(values) != n:
+            per = "per --split" if runs == 1 else f"per run and split ({runs} runs x {len(args.split)} splits)"
+            raise SystemExit(f"give one --{name.replace('_', '-')} {per}: expected {n}, got {len(values)} "
+                             f"--{name.replace('_', '-')}")
+    rows = zip(args.split * runs, *(getattr(args, n) for n in names))
+    return [{"index": i // len(args.split), **dict(zip(("split", *names), row))} for i, row in enumerate(rows)]
 
 
 def cmd_generate(args):
@@ -241,12 +246,21 @@ def cmd_generate(args):
     s = _spec(args, C.generate_spec)
     configure(0, True, args.threads)
     device = _device(s["device"])
-    model, tok, payload = load_captioner(args.model, device)
     dec = s["decoding"]
-    for job in _per_split(args, "features", "out"):
+    if len(args.features) != len(args.split):
+        raise SystemExit(f"give one --features per --split ({len(args.split)} splits, {len(args.features)} --features)")
+    features = dict(zip(args.split, args.features))
+    stores, loaded = {}, None  # a split's features load once for all models (evaluate.group_runs)
+    for job in _per_split(args, "out", runs=len(args.model)):
+        path = args.model[job["index"]]
+        if loaded != path:
+            model, tok, payload = load_captioner(path, device)
+            loaded = path
         records = load_split(args.splits, job["split"])
-        store = aligned_store(job["features"], records, job["split"])
-        check_backbone(payload, store, args.model)
+        if job["split"] not in stores:
+            stores[job["split"]] = aligned_store(features[job["split"]], records, job["split"])
+        store = stores[job["split"]]
+        check_backbone(payload, store, path)
         t0 = time.time()
         caps = generate_captions(model, tok, store, range(len(records)), beam_size=dec["beam_size"],
                                  max_len=dec["max_len"], batch_size=dec["batch_size"], device=device,
@@ -255,26 +269,43 @@ def cmd_generate(args):
         # decoding.postprocess: official = what the official save_predictions writes (dico.text)
         final = postprocess(caps, dec["postprocess"])
         write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, final)])
-        log.info("%s: %d captions in %.1fs -> %s (e.g. %r, decoded %r, postprocess %s)", job["split"], len(caps),
-                 time.time() - t0, job["out"], final[0], caps[0], dec["postprocess"])
+        log.info("%s %s: %d captions in %.1fs -> %s (e.g. %r, decoded %r, postprocess %s)", path, job["split"],
+                 len(caps), time.time() - t0, job["out"], final[0], caps[0], dec["postprocess"])
 
 
 def cmd_evaluate(args):
-    """Score captions of one or more splits (one process: the METEOR JVM starts once)."""
+    """Score captions of one or more splits of one or more runs (one process: the METEOR JVM starts
+    once; it loads its paraphrase tables while this process imports and loads the CLIP models)."""
     from .data import load_split
     from .demo import grammar_of
+    from .metrics import start_meteor
     from .runtime import configure
 
     s = _spec(args, C.evaluate_spec)
     if args.no_meteor:
         s["meteor"] = False
+    if s["meteor"]:
+        start_meteor()
+    runs = args.run or ["external"]
+    if args.model_checkpoint and len(args.model_checkpoint) != len(runs):
+        raise SystemExit(f"give one --model-checkpoint per --run ({len(runs)} runs, "
+                         f"{len(args.model_checkpoint)} --model-checkpoint)")
     configure(0, True, args.threads)
     device = _device(s["device"])
     ckpts = _parse_named(args.clip_model, "clip-model")
     evaluators = {name: _load_clip(m, ckpts.get(name), device) for name, m in s["clip_models"].items()}
-    jobs = _per_split(args, "captions", "out")
+    jobs = _per_split(args, "captions", "out", runs=len(runs))
+    for job in jobs:
+        job["run"] = runs[job["index"]]
+        job["model_checkpoint"] = args.model_checkpoint[job["index"]] if args.model_checkpoint else None
     train_caps = ([c for r in load_split(args.splits, "train") for c in r.captions] if args.splits else [])
     grammar = grammar_of(args.splits)  # the demo's caption grammar on a demo set (diversity.fluent_pct)
+    if len(jobs) > 1 and args.splits:  # every caption and reference through one PTB tokenizer JVM
+        from .evaluate import load_captions
+        from .metrics import ptb_prefetch
+
+        ptb_prefetch([c for job in jobs for c in load_captions(job["captions"]).values()] +
+                     [c for split in args.split for r in load_split(args.splits, split) for c in r.captions])
     for job in jobs:
         _evaluate_split(args, s, job, evaluators, train_caps, grammar, device)
 
@@ -303,12 +334,12 @@ def _evaluate_split(args, s, job, evaluators, train_caps, grammar, device):
                                          split=split, skip_broken=args.skip_broken_images,
                                          log=log.info).to(device))
     result = score(captions, records, s, evaluators, image_embs, train_caps, grammar)
-    run_prov = _run_provenance(args.model_checkpoint)
-    write_json(job["out"], {"run": args.run, "split": split, "captions": str(job["captions"]),
+    run_prov = _run_provenance(job["model_checkpoint"])
+    write_json(job["out"], {"run": job["run"], "split": split, "captions": str(job["captions"]),
                             "n_images": len(records), **result,
                             "provenance": provenance(s, seed=run_prov["seed"] if run_prov else None, device=device,
                                                      wall_time_s=time.time() - t0, run_provenance=run_prov)})
-    log.info("%s/%s: %s", args.run, split, ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
+    log.info("%s/%s: %s", job["run"], split, ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
                                                       for k, v in result["metrics"].items()))
 
 
@@ -379,15 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gather", type=int, metavar="N", help="check the shards of N part jobs and write index.json")
     p.set_defaults(fn=cmd_cache_features)
 
-    p = sub.add_parser("cache-embeddings", help="image embeddings of a CLIP model for one split")
+    p = sub.add_parser("cache-embeddings", help="image embeddings of a CLIP model for one or more splits")
     _common(p)
     p.add_argument("--name", required=True, help="clip_models entry")
     p.add_argument("--splits", required=True)
-    p.add_argument("--split", required=True)
+    p.add_argument("--split", nargs="+", required=True)
     p.add_argument("--checkpoint")
     p.add_argument("--skip-broken-images", action="store_true",
                    help="NaN embedding for an unreadable image instead of failing (features.skip_broken_images)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", nargs="+", required=True, help="embeddings file per split")
     p.set_defaults(fn=cmd_cache_embeddings)
 
     p = sub.add_parser("train", help="train one run: xe, scst_<reward>, dico, dico_<ablation>-<value>")
@@ -406,16 +437,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="beam-search captions of one or more splits (COCO result format)")
     _common(p)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", nargs="+", required=True, help="captioner checkpoint(s): one per run")
     p.add_argument("--splits", required=True)
     p.add_argument("--split", nargs="+", required=True)
     p.add_argument("--features", nargs="+", required=True, help="feature index per split")
-    p.add_argument("--out", nargs="+", required=True, help="captions JSON per split")
+    p.add_argument("--out", nargs="+", required=True,
+                   help="captions JSON per model and split, model-major (m1/s1 m1/s2 m2/s1 ...)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("evaluate", help="score COCO-format captions files (in or outside the pipeline)")
     _common(p)
-    p.add_argument("--captions", nargs="+", required=True, help='per split: [{"image_id": ..., "caption": ...}, ...]')
+    p.add_argument("--captions", nargs="+", required=True,
+                   help='per split (per run and split, run-major, with several --run): [{"image_id": ..., "caption": ...}, ...]')
     p.add_argument("--split", nargs="+", default=["test"])
     p.add_argument("--splits", help="normalised split file (pipeline)")
     p.add_argument("--refs", help="references: Karpathy dataset_*.json, COCO captions_*.json or a split file")
@@ -426,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-meteor", action="store_true")
     p.add_argument("--skip-broken-images", action="store_true",
                    help="leave unreadable images out of every metric (listed in the JSON) instead of failing")
-    p.add_argument("--run", default="external")
-    p.add_argument("--model-checkpoint", help="captioner checkpoint, for provenance")
-    p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split")
+    p.add_argument("--run", nargs="+", help="run name(s) (default: external)")
+    p.add_argument("--model-checkpoint", nargs="+", help="captioner checkpoint per run, for provenance")
+    p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split (per run and split, as --captions)")
     p.set_defaults(fn=cmd_evaluate)
 
     from . import report, score

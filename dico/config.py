@@ -5,7 +5,8 @@ Snakefile and every `dico` command validate against it, so a typo fails at parse
 the allowed values and the file, not an hour into a cluster job.
 
 Runs: `xe`; `scst_<reward>` per entry of scst.rewards; `dico`; and one `dico_<name>-<value>` per
-ablation value that differs from the dico default. `run_spec(config, run)` resolves one run to the
+ablation value that differs from the dico default. With `seeds`, each of the main runs (xe, scst_*,
+dico) also runs at every other seed N as `<run>_seedN`, fine-tuned from `xe_seedN`. `run_spec(config, run)` resolves one run to the
 settings it needs - only those, so that editing an unrelated key does not retrain it (Snakemake
 reruns a job when its params change).
 """
@@ -51,6 +52,10 @@ def _validator():
 
 def validate(config: dict, source: str = "config") -> dict:
     """Fill defaults in place and check the config; raise ConfigError naming key and fix."""
+    seeds_ = config.get("seeds")
+    if isinstance(seeds_, list) and all(isinstance(x, str) and x.strip().isdigit() for x in seeds_):
+        # `snakemake --config seeds=[0,1,2]` parses lists with YAML's BaseLoader: all strings
+        config["seeds"] = [int(x) for x in seeds_]
     errors = sorted(_validator().iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"{source}: invalid configuration (schema: {SCHEMA.relative_to(REPO)})"]
@@ -144,16 +149,55 @@ def ablation_runs(config: dict) -> dict[str, dict[str, str]]:
     return out
 
 
-def runs(config: dict) -> list[str]:
-    """Every training run the config asks for, in DAG order."""
-    names = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
+SEEDED_RUN = re.compile(r"^(?P<base>.+)_seed(?P<seed>\d+)$")
+
+
+def main_runs(config: dict) -> list[str]:
+    """The runs of the main table, at the config's `seed`."""
+    return ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
+
+
+def seeds(config: dict) -> list[int]:
+    """The training seeds of the main runs: `seeds`, or just `seed`."""
+    chosen = config.get("seeds") or [config["seed"]]
+    if config["seed"] not in chosen:
+        raise ConfigError(f"config: seeds {chosen} must include seed ({config['seed']}): the ablation runs and "
+                          f"the training-curves figure use the runs of `seed`; add it or set seed to one of them")
+    return chosen
+
+
+def seeded(config: dict, run: str, seed: int) -> str:
+    """The name of `run` at training seed `seed`: the run itself at the config's seed, else <run>_seedN."""
+    return run if seed == config["seed"] else f"{run}_seed{seed}"
+
+
+def runs(config: dict, all_seeds: bool = True) -> list[str]:
+    """Every training run the config asks for, in DAG order; `all_seeds=False`: at `seed` only."""
+    names = main_runs(config)
     for points in ablation_runs(config).values():
         names += [r for r in points.values() if r not in names]
+    if all_seeds:
+        names += [seeded(config, r, s) for s in seeds(config) if s != config["seed"] for r in main_runs(config)]
     return names
+
+
+def xe_run_of(config: dict, run: str) -> str:
+    """The XE run a fine-tuning run starts from: the XE run of its own seed."""
+    m = SEEDED_RUN.match(run)
+    return seeded(config, "xe", int(m["seed"])) if m else "xe"
 
 
 def run_spec(config: dict, run: str) -> dict:
     """Everything run `run` needs (and nothing else), with its method-specific settings merged."""
+    m = SEEDED_RUN.match(run)
+    if m:  # <run>_seedN: the main run `run` at training seed N
+        base, seed = m["base"], int(m["seed"])
+        if base not in main_runs(config) or seed not in seeds(config) or seed == config["seed"]:
+            others = [s for s in seeds(config) if s != config["seed"]]
+            raise ConfigError(f"run {run!r}: seeded runs are <run>_seedN for the main runs "
+                              f"({', '.join(main_runs(config))}) and N in seeds other than seed "
+                              f"({others or 'none: set seeds, e.g. --config seeds=[0,1,2]'})")
+        return {**run_spec(config, base), "run": run, "seed": seed}
     common = {"run": run, "seed": config["seed"], "device": config["device"],
               "deterministic": config["deterministic"], "model": config["model"],
               "decoding": config["decoding"], "train": config["train"]}

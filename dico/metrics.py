@@ -29,9 +29,30 @@ def require_java() -> None:
         raise RuntimeError(JAVA_MISSING)
 
 
+_PTB_KNOWN: dict[str, str] = {}  # raw caption -> its PTB tokens, filled by ptb_prefetch
+
+
+def ptb_prefetch(texts) -> None:
+    """Tokenise `texts` in one PTBTokenizer call and remember each result, so that a later
+    `ptb_tokenize` of known captions only starts no JVM (`dico evaluate` of many runs and splits:
+    one JVM instead of one per run and split). Exact: the tokenizer reads one caption per line
+    (-preserveLines), so a caption's tokens do not depend on the captions around it."""
+    todo = sorted(set(texts) - _PTB_KNOWN.keys())
+    if todo:
+        out = _ptb_tokenize({i: [t] for i, t in enumerate(todo)})
+        _PTB_KNOWN.update({t: out[i][0] for i, t in enumerate(todo)})
+
+
 def ptb_tokenize(captions: dict) -> dict:
     """{id: [str, ...]} -> {id: [tokenized str, ...]} with pycocoevalcap's PTBTokenizer (Stanford CoreNLP 3.4.1,
-    Java): lower-cased, punctuation tokens removed. One JVM start (~0.5 s) per call."""
+    Java): lower-cased, punctuation tokens removed. One JVM start (~0.5 s) per call, none when every
+    caption was tokenised by `ptb_prefetch`."""
+    if _PTB_KNOWN and all(c in _PTB_KNOWN for caps in captions.values() for c in caps):
+        return {i: [_PTB_KNOWN[c] for c in caps] for i, caps in captions.items()}
+    return _ptb_tokenize(captions)
+
+
+def _ptb_tokenize(captions: dict) -> dict:
     require_java()
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -112,6 +133,15 @@ def _meteor_scorer():
 
         _METEOR = Meteor()
     return _METEOR
+
+
+def start_meteor() -> None:
+    """Start the METEOR JVM now (Meteor() spawns it and returns), so that its ~7 s of loading overlap
+    the caller's own start-up; a failure here is left to the first score, which records it."""
+    try:
+        _meteor_scorer()
+    except Exception:  # no java: _meteor() retries and writes the reason into the metrics
+        pass
 
 
 def _meteor(gts: dict, res: dict, enabled: bool, notes: dict) -> float | None:

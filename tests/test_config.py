@@ -61,3 +61,46 @@ def test_defaults_are_not_shared_between_configs():
     cfg2 = C.load(DEMO)
     cfg1["rewards"]["pac_s"]["w"] = 99
     assert cfg2["rewards"]["pac_s"]["w"] == 2.0
+
+
+def test_seeds_add_one_run_per_main_run_and_extra_seed():
+    cfg = C.load(DEMO, {"seeds": [0, 1, 2], "ablations": {"beta": [0.1, 0.2], "tau": [300], "k": [5], "reward": ["pac_s"]}})
+    main = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]
+    assert C.runs(cfg) == main + ["dico_beta-0.1"] + [f"{r}_seed{s}" for s in (1, 2) for r in main]
+    assert C.runs(cfg, all_seeds=False) == main + ["dico_beta-0.1"]  # ablations: one seed
+    for run in main:  # the same settings, another training seed
+        assert C.run_spec(cfg, f"{run}_seed2") == {**C.run_spec(cfg, run), "run": f"{run}_seed2", "seed": 2}
+    assert C.xe_run_of(cfg, "dico_seed2") == "xe_seed2" and C.xe_run_of(cfg, "scst_cider") == "xe"
+    for bad in ("dico_seed3", "dico_seed0", "dico_beta-0.1_seed1"):  # not a seed of seeds / not a main run
+        with pytest.raises(C.ConfigError, match="seeded runs are"):
+            C.run_spec(cfg, bad)
+    with pytest.raises(C.ConfigError, match=r"seeds \[1, 2\] must include seed \(0\)"):
+        C.runs(C.load(DEMO, {"seeds": [1, 2]}))
+    assert C.runs(C.load(DEMO)) == C.runs(C.load(DEMO), all_seeds=False)  # default: one seed
+
+
+def test_seeds_plan_through_snakemake(tmp_path):
+    """`snakemake --config seeds=[0,1,2]` (lists arrive as strings) plans 3 XE runs, fine-tunes each
+    seed from its own XE model and puts every seed's metrics into the main table."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-F", "-p", "--nolock", "results/tables/main.tex",
+                          "--config", "seeds=[0,1,2]"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    runs = set(re.findall(r"(?:dico|torchrun \S+ \S+ -m dico) train (\S+) ", text))
+    main = {"xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"}
+    seeded = main | {f"{r}_seed{s}" for r in main for s in (1, 2)}
+    # the ablation runs too, at one seed: the demo scores all runs in one job (evaluate.group_runs)
+    assert runs == seeded | {"dico_beta-0.05", "dico_beta-1", "dico_tau-1", "dico_k-3", "dico_reward-clip_s"}
+    inits = dict(re.findall(r" train (\S+) .*?--init results/runs/(\S+)/model\.pt", text))
+    assert inits == {r: "xe" if "_seed" not in r else "xe_" + r.rsplit("_", 1)[1]
+                     for r in runs if r not in ("xe", "xe_seed1", "xe_seed2")}
+    table = re.search(r"dico report table-main .*?--metrics (.*?) --splits", text).group(1).split()
+    assert sorted(table) == sorted(f"results/metrics/{r}/test.json" for r in seeded)

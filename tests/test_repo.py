@@ -73,7 +73,10 @@ def test_dry_run_plans_every_stage():
     assert out.returncode == 0, out.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout + out.stderr, re.M))
     for rule in ("make_demo_data", "prepare_splits", "train_clip", "cache_features", "cache_embeddings",
-                 "train_xe", "train_scst", "train_dico", "generate", "evaluate", "table_main",
+                 "train_xe", "train_scst", "train_dico", "generate_runs", "evaluate_runs", "table_main",
                  "table_ablation", "figure_training_curves"):
         assert int(counts.get(rule, 0)) >= 1, f"{rule} not planned:\n{out.stdout}"
     assert int(counts["train_scst"]) == 3
+    # the demo captions and scores all runs in one job each (evaluate.group_runs), one embeddings job per model
+    assert (int(counts["generate_runs"]), int(counts["evaluate_runs"]), int(counts["cache_embeddings"])) == (1, 1, 2)
+    assert "generate" not in counts and "evaluate" not in counts

@@ -450,9 +450,9 @@ def planned_jobs(output):
     return jobs
 
 
-def dry_run(target):
+def dry_run(target, *flags):
     """The jobs `snakemake -n -F target` plans (all of them, whatever is already built)."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-F", "--nolock", target], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-F", "--nolock", target, *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -464,8 +464,19 @@ def demo_config():
     return dc.load(REPO / "config" / "config.yaml")
 
 
+@pytest.fixture(scope="module")
+def per_run_config(tmp_path_factory, demo_config):
+    """The demo config with one generate / evaluate job per run (evaluate.group_runs: false, the
+    paper's setting): the setting in which a target needs only its own runs."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("per_run") / "config.yaml"
+    path.write_text(yaml.safe_dump(dc.deep_merge(demo_config, {"evaluate": {"group_runs": False}})))
+    return path
+
+
 @pytest.mark.parametrize("target", ["table_main", "ablation_beta", "figure_training_curves", "figure_ablations"])
-def test_report_targets_plan_only_their_own_runs(target, demo_config):
+def test_report_targets_plan_only_their_own_runs(target, demo_config, per_run_config):
     ablations = dc.ablation_runs(demo_config)
     main = ["xe"] + [f"scst_{r}" for r in demo_config["scst"]["rewards"]] + ["dico"]
     every_ablation = {r for points in ablations.values() for r in points.values()}
@@ -476,7 +487,7 @@ def test_report_targets_plan_only_their_own_runs(target, demo_config):
         "figure_training_curves": (set(main), set(), {"figure_training_curves"}),
         "figure_ablations": ({"xe"} | every_ablation, every_ablation, {"figure_ablations"}),
     }[target]
-    jobs = dry_run(target)
+    jobs = dry_run(target, "--configfile", str(per_run_config))
     trained = {wc.get("run", "xe") for rule, wc in jobs if rule.startswith("train_") and rule != "train_clip"}
     evaluated = {wc["run"] for rule, wc in jobs if rule == "evaluate"}
     reporting = {rule for rule, _ in jobs if rule.startswith(("table_", "figure", "ablation_", "tables"))}
@@ -484,6 +495,16 @@ def test_report_targets_plan_only_their_own_runs(target, demo_config):
     if target == "ablation_beta":
         assert not any(r.startswith("scst_") for r in trained)
         assert [wc for rule, wc in jobs if rule == "table_ablation"] == [{"ablation": "beta"}]
+
+
+def test_grouped_runs_caption_and_score_every_run_in_one_job_each(demo_config):
+    """The demo (evaluate.group_runs: true): one generate and one evaluate job, for every run, so a
+    target such as ablation_beta waits for all runs (the trade the schema describes)."""
+    jobs = dry_run("ablation_beta")
+    counts = {r: sum(1 for rule, _ in jobs if rule == r) for r in ("generate_runs", "evaluate_runs", "generate", "evaluate")}
+    assert counts == {"generate_runs": 1, "evaluate_runs": 1, "generate": 0, "evaluate": 0}
+    trained = {wc.get("run", "xe") for rule, wc in jobs if rule.startswith("train_") and rule != "train_clip"}
+    assert trained == set(dc.runs(demo_config))
 
 
 def test_ood_target_is_listed_and_plans_the_main_runs_on_every_set(tmp_path, demo_config):

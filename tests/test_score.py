@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dico import cli, score as S
+from dico import cli, metrics, score as S
 from dico.evaluate import METRIC_KEYS
 from dico.demo_clip import build_tiny_clip, tiny_clip_config
 from dico.evaluator import CLIP_MEAN, CLIP_STD, save_evaluator
@@ -179,6 +179,15 @@ def test_one_jvm_start_tokenises_references_and_candidates_alike(monkeypatch):
     refs, cands = ptb_tokenize_pairs(REFS, CANDS)
     assert refs == want_refs and cands == want_cands
     assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 1
+
+    # ptb_prefetch: one JVM for many later calls (dico evaluate of several runs), the same tokens
+    monkeypatch.setattr(metrics, "_PTB_KNOWN", {})
+    metrics.ptb_prefetch([c for caps in REFS.values() for c in caps] + list(CANDS.values()))
+    assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 2
+    assert ptb_tokenize_pairs(REFS, CANDS) == (want_refs, want_cands)
+    assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 2  # no JVM started
+    other = {7: ["A caption nobody prefetched."]}
+    assert metrics.ptb_tokenize(other) == PTBTokenizer().tokenize({7: [{"caption": other[7][0]}]})
 
 
 # -- input formats ----------------------------------------------------------------------------------

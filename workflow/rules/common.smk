@@ -15,7 +15,7 @@ except ValueError as e:
     raise dc.ConfigError(f"config: {e}") from None
 
 RUNS = dc.runs(config)
-FINETUNE_RUNS = [r for r in RUNS if r != "xe"]
+FINETUNE_RUNS = [r for r in RUNS if dc.run_spec(config, r)["method"] != "xe"]  # not xe, nor xe_seedN
 BACKBONE = config["features"]["backbone"]
 EVAL_SPLITS = config["evaluate"]["splits"]
 ABLATIONS = dc.ablation_runs(config)
@@ -112,7 +112,8 @@ def ood_metrics(run, name):
 
 
 def all_ood_metrics(runs=None):
-    return [ood_metrics(r, d) for r in (runs or RUNS) for d in OOD_SETS]
+    """The extra evaluation sets score the runs of `seed` (not every seed of `seeds`)."""
+    return [ood_metrics(r, d) for r in (runs or dc.runs(config, all_seeds=False)) for d in OOD_SETS]
 
 
 def ood_inputs(wildcards):
@@ -140,7 +141,7 @@ def finetune_inputs(wildcards):
     names = list(spec_["clip_models"])
     reward_model = spec_["reward"].get("model")
     files = {
-        "init": "results/runs/xe/model.pt",
+        "init": f"results/runs/{dc.xe_run_of(config, wildcards.run)}/model.pt",
         "splits": splits_file(),
         "features_train": features_index("train"),
         "features_val": features_index("val"),
@@ -168,16 +169,40 @@ def finetune_args(wildcards, input):
 EVAL_MODELS = list(dc.evaluate_spec(config)["clip_models"])
 
 
+def embedding_splits():
+    """The splits whose image embeddings the DAG reads of some clip_models entry, in split order:
+    train for a fine-tuning reward, val for fine-tuning validation, the evaluation splits for the
+    scorers. cache_embeddings computes them all in one job per model (one model load); in the demo
+    and the paper every embedded model needs all three."""
+    needed = set(EVAL_SPLITS)
+    for run in FINETUNE_RUNS:
+        needed.add("val")
+        if dc.run_spec(config, run)["reward"].get("model"):
+            needed.add("train")
+    return [s for s in ("train", "val", "test") if s in needed]
+
+
+EMBEDDING_SPLITS = embedding_splits()
+
+
 def evaluate_inputs(wildcards):
     files = {
-        "captions": [f"results/captions/{wildcards.run}/{s}.json" for s in EVAL_SPLITS],
-        "model": f"results/runs/{wildcards.run}/model.pt",
+        "captions": [f"results/captions/{wildcards.run}/{s}.json" for s in EVAL_SPLITS] if wildcards else [],
+        "model": f"results/runs/{wildcards.run}/model.pt" if wildcards else [],
         "splits": splits_file(),
     }
     for n in EVAL_MODELS:
         files[f"ckpt_{n}"] = clip_model_path(n)
         for s in EVAL_SPLITS:
             files[f"emb_{n}_{s}"] = embeddings_file(n, s)
+    return files
+
+
+def evaluate_runs_inputs(wildcards):
+    """evaluate_runs (evaluate.group_runs): every run's captions and checkpoint, run-major."""
+    files = evaluate_inputs(None)
+    files["captions"] = [f"results/captions/{r}/{s}.json" for r in RUNS for s in EVAL_SPLITS]
+    files["model"] = [f"results/runs/{r}/model.pt" for r in RUNS]
     return files
 
 
@@ -221,7 +246,9 @@ def ablation_metrics(name):
     return [metrics_file(r, "test") for r in ABLATIONS.get(name, {}).values()]
 
 
-MAIN_RUNS = ["xe"] + [f"scst_{r}" for r in config["scst"]["rewards"]] + ["dico"]
+MAIN_RUNS = dc.main_runs(config)
+# the main runs at every training seed (config `seeds`): the main table's rows are their mean ± std
+MAIN_RUNS_ALL_SEEDS = [dc.seeded(config, r, s) for s in dc.seeds(config) for r in MAIN_RUNS]
 TABLES = ["results/tables/main.tex"] + [f"results/tables/ablation_{a}.tex" for a in ABLATIONS]
 TABLES += ["results/tables/ood.tex"] if OOD_SETS else []
 FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
@@ -312,6 +339,8 @@ RESOURCE_TWINS = {
     "evaluate_ood": "evaluate",
     "generate_official": "generate",
     "evaluate_dico_official": "evaluate",
+    "generate_runs": "generate",
+    "evaluate_runs": "evaluate",
 }
 
 

@@ -37,6 +37,7 @@ if FEATURE_JOBS == 1:
         params:
             spec=FEATURES_SPEC,
         threads: 1
+        priority: 5  # XE (10) waits for train and val; the embeddings jobs (0) feed nothing yet
         log:
             "results/logs/cache_features/{split}.log",
         conda:
@@ -112,12 +113,13 @@ else:
             " --checkpoint {input.checkpoint} --gather {params.parts} --out-dir $(dirname {output}) > {log} 2>&1"
 
 
+# One job per model for every split the DAG reads embeddings of (EMBEDDING_SPLITS): one model load.
 rule cache_embeddings:
     input:
         splits=splits_file(),
         checkpoint=lambda wc: clip_model_path(wc.name),
     output:
-        "results/embeddings/{name}/{split}.pt",
+        [embeddings_file("{name}", s) for s in EMBEDDING_SPLITS],
     params:
         # features.skip_broken_images reaches the spec only when on: the default leaves params unchanged
         spec=lambda wc: spec(
@@ -125,14 +127,15 @@ rule cache_embeddings:
             if config["features"]["skip_broken_images"]
             else dc.clip_model_spec(config, wc.name)
         ),
+        split=" ".join(EMBEDDING_SPLITS),
     threads: 1
     log:
-        "results/logs/cache_embeddings/{name}_{split}.log",
+        "results/logs/cache_embeddings/{name}.log",
     conda:
         "../../envs/features.yaml"
     shell:
         "dico cache-embeddings --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
-        " --split {wildcards.split} --checkpoint {input.checkpoint} --out {output}"
+        " --split {params.split} --checkpoint {input.checkpoint} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 

@@ -26,7 +26,7 @@ REPORT_PARAMS = {
 _REPORTED = config["report"]["reported"]
 REPORTED_INPUT = [_REPORTED] if _REPORTED and os.path.exists(_REPORTED) else []
 REPORTED_ARG = " ".join(f"--reported {p}" for p in REPORTED_INPUT)
-TEST_METRICS_MAIN = [metrics_file(r, "test") for r in MAIN_RUNS]
+TEST_METRICS_MAIN = [metrics_file(r, "test") for r in MAIN_RUNS_ALL_SEEDS]
 TEST_METRICS_ABLATIONS = list(dict.fromkeys(f for a in ABLATIONS for f in ablation_metrics(a)))
 # A figure's outputs: PDF (for the paper), PNG (shown in the HTML report), provenance.
 FIGURE_OUTPUTS = {

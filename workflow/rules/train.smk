@@ -1,5 +1,6 @@
 # Stages 4-6: XE pre-training, then fine-tuning from the best XE checkpoint: SCST with each
-# configured reward, DiCO, and one DiCO run per ablation point. Resumable state lives in
+# configured reward, DiCO, and one DiCO run per ablation point; with `seeds`, xe, the scst runs and
+# dico once more per extra seed N (<run>_seedN, fine-tuned from xe_seedN). Resumable state lives in
 # results/runs/<run>/work/ (not a declared output, so --rerun-incomplete keeps it).
 # `exec`: the shell becomes the training process, so SIGTERM (SLURM preemption / time limit) reaches
 # it alone and Snakemake waits for its checkpoint, instead of seeing the shell die at once and SLURM
@@ -12,19 +13,25 @@ rule train_xe:
         features_train=features_index("train"),
         features_val=features_index("val"),
     output:
-        model="results/runs/xe/model.pt",
-        log="results/runs/xe/train_log.jsonl",
+        model="results/runs/{run}/model.pt",
+        log="results/runs/{run}/train_log.jsonl",
+    wildcard_constraints:
+        run=r"xe(_seed\d+)?",
     params:
-        spec=spec(dc.run_spec(config, "xe")),
+        spec=lambda wc: spec(dc.run_spec(config, wc.run)),
         launch=torch_launcher,
         threads=threads_per_process,
-    threads: 2
+    # 1 thread: the demo's XE ran 1.2x faster on 2 threads than on 1 (bench/RESULTS.md), and on a small
+    # machine the other core trains the second CLIP stand-in meanwhile; the slurm profile sets its own.
+    threads: 1
+    # the demo's critical path (CLIP -> features -> XE -> fine-tuning): before the embeddings jobs
+    priority: 10
     log:
-        "results/logs/train/xe.log",
+        "results/logs/train/{run}.log",
     conda:
         "../../envs/train.yaml"
     shell:
-        "exec {params.launch} train xe --spec-json {params.spec:q} --splits {input.splits}"
+        "exec {params.launch} train {wildcards.run} --spec-json {params.spec:q} --splits {input.splits}"
         " --features-train {input.features_train} --features-val {input.features_val}"
         " --out-model {output.model} --out-log {output.log} --threads {params.threads} > {log} 2>&1"
 
@@ -55,4 +62,4 @@ rule train_scst:
 
 use rule train_scst as train_dico with:
     wildcard_constraints:
-        run="dico(_[a-z]+-[^/]+)?",
+        run=r"dico(_[a-z]+-[^/]+)?(_seed\d+)?",

@@ -1,0 +1,117 @@
+"""evaluate.group_runs: one `dico generate` / `dico evaluate` process for several runs, and one
+`dico cache-embeddings` process for several splits, write what one process per run (per split)
+writes. The reference is the per-run command itself, run separately on the same inputs."""
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from dico import cli
+from dico import config as C
+
+CONFIG = {
+    "seed": 0, "device": "cpu",
+    "data": {"source": "demo", "demo": {"n_train": 24, "n_val": 6, "n_test": 6, "image_size": 32}},
+    "clip_models": {"clip": {"source": "demo", "train": {"steps": 5, "batch_size": 16, "patch_size": 8,
+                                                         "vision_layers": 1, "text_layers": 1}}},
+    "features": {"backbone": "clip", "num_workers": 0, "shard_size": 8, "batch_size": 8},
+    "model": {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
+              "vocab": "train", "max_caption_tokens": 24, "max_dec_positions": 40},
+    "decoding": {"max_len": 12, "beam_size": 2},
+    "train": {"log_every": 50},
+    "xe": {"steps": 20, "batch_size": 24, "grad_accum": 1, "captions_per_image": None, "val_every": 20,
+           "lr": 5.0e-3},
+    "scst": {"rewards": ["cider"]}, "dico": {}, "ablations": {},
+    "rewards": {"cider": {"type": "cider"}, "clip_s": {"type": "clip", "model": "clip"},
+                "pac_s": {"type": "clip", "model": "clip"}},
+    "evaluate": {"splits": ["val", "test"], "meteor": False, "clip_s": {"model": "clip"}, "pac_s": {"model": "clip"}},
+    "report": {"reported": None},
+}
+SPLITS = ("val", "test")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Demo images, features of a random tiny CLIP and two XE captioners (seeds 0 and 1)."""
+    from dico.data import load_split
+    from dico.features import cache_features
+    from dico.train import train_xe
+    from worlds import tiny_world
+
+    root = tmp_path_factory.mktemp("group")
+    ev = tiny_world(root, n_train=24, n_val=6, n_test=6, seed=3)
+    for split in ("train", *SPLITS):
+        cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
+                       root / "features" / split, shard_size=8, batch_size=8, log=lambda *a: None)
+    cfg = C.validate({**copy.deepcopy(CONFIG), "seeds": [0, 1]})
+    feats = {s: str(root / "features" / s / "index.json") for s in ("train", "val")}
+    for run in ("xe", "xe_seed1"):
+        train_xe(C.run_spec(cfg, run), root / "splits.json", feats, root / run / "work", root / run / "model.pt",
+                 root / run / "log.jsonl", device="cpu", log=lambda *a: None)
+    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    return root
+
+
+def _generate(root, models, outs):
+    return cli.main(["generate", "--config", str(root / "config.yaml"), "--model", *map(str, models),
+                     "--splits", str(root / "splits.json"), "--split", *SPLITS,
+                     "--features", *(str(root / "features" / s / "index.json") for s in SPLITS),
+                     "--out", *map(str, outs)])
+
+
+def _evaluate(root, runs, captions, outs):
+    return cli.main(["evaluate", "--config", str(root / "config.yaml"), "--splits", str(root / "splits.json"),
+                     "--split", *SPLITS, "--clip-model", f"clip={root / 'clip.pt'}", "--run", *runs,
+                     "--model-checkpoint", *(str(root / r / "model.pt") for r in runs),
+                     "--captions", *map(str, captions), "--out", *map(str, outs)])
+
+
+def test_one_generate_and_one_evaluate_for_two_runs_equal_one_per_run(world, tmp_path):
+    runs = ["xe", "xe_seed1"]
+    for r in runs:  # the reference: one process per run
+        assert _generate(world, [world / r / "model.pt"], [tmp_path / f"one_{r}_{s}.json" for s in SPLITS]) == 0
+    assert _generate(world, [world / r / "model.pt" for r in runs],
+                     [tmp_path / f"all_{r}_{s}.json" for r in runs for s in SPLITS]) == 0  # run-major
+    for r in runs:
+        for s in SPLITS:
+            assert (tmp_path / f"all_{r}_{s}.json").read_text() == (tmp_path / f"one_{r}_{s}.json").read_text()
+    caps = {(r, s): json.loads((tmp_path / f"one_{r}_{s}.json").read_text()) for r in runs for s in SPLITS}
+    assert caps[("xe", "test")] != caps[("xe_seed1", "test")]  # two models: an order mix-up would show
+
+    for r in runs:
+        assert _evaluate(world, [r], [tmp_path / f"one_{r}_{s}.json" for s in SPLITS],
+                         [tmp_path / f"m_one_{r}_{s}.json" for s in SPLITS]) == 0
+    assert _evaluate(world, runs, [tmp_path / f"one_{r}_{s}.json" for r in runs for s in SPLITS],
+                     [tmp_path / f"m_all_{r}_{s}.json" for r in runs for s in SPLITS]) == 0
+    for r in runs:
+        for s in SPLITS:
+            one = json.loads((tmp_path / f"m_one_{r}_{s}.json").read_text())
+            grouped = json.loads((tmp_path / f"m_all_{r}_{s}.json").read_text())
+            assert grouped["run"] == r and grouped["split"] == s
+            assert grouped["metrics"] == one["metrics"] and grouped["diversity"] == one["diversity"]
+            assert grouped["provenance"]["run_provenance"]["checkpoint"] == str(world / r / "model.pt")
+            assert grouped["provenance"]["seed"] == {"xe": 0, "xe_seed1": 1}[r]
+
+
+def test_counts_that_do_not_match_name_the_flags(world, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--out per run and split \(2 runs x 2 splits\): expected 4, got 2"):
+        _generate(world, [world / "xe" / "model.pt", world / "xe_seed1" / "model.pt"],
+                  [tmp_path / "a.json", tmp_path / "b.json"])
+    with pytest.raises(SystemExit, match=r"one --model-checkpoint per --run \(2 runs, 1 --model-checkpoint\)"):
+        cli.main(["evaluate", "--config", str(world / "config.yaml"), "--splits", str(world / "splits.json"),
+                  "--split", "test", "--run", "a", "b", "--model-checkpoint", "x.pt", "--captions", "c1", "c2",
+                  "--out", "o1", "o2"])
+
+
+def test_cache_embeddings_of_several_splits_in_one_process_equal_one_per_split(world, tmp_path):
+    base = ["cache-embeddings", "--config", str(world / "config.yaml"), "--name", "clip", "--splits",
+            str(world / "splits.json"), "--checkpoint", str(world / "clip.pt")]
+    for s in SPLITS:
+        assert cli.main([*base, "--split", s, "--out", str(tmp_path / f"one_{s}.pt")]) == 0
+    assert cli.main([*base, "--split", *SPLITS, "--out", *(str(tmp_path / f"all_{s}.pt") for s in SPLITS)]) == 0
+    for s in SPLITS:
+        one, grouped = (torch.load(tmp_path / f"{k}_{s}.pt", weights_only=False) for k in ("one", "all"))
+        assert grouped["split"] == s and grouped["image_ids"] == one["image_ids"]
+        assert torch.equal(grouped["embeddings"], one["embeddings"])
