@@ -230,7 +230,8 @@ def test_config_checks_and_the_by_hand_command(tmp_path, monkeypatch):
     config = C.load(ROOT / "config" / "config.yaml", base)
     check_eval_sets(config)
     spec = eval_set_spec(config, "shapes_ood")
-    assert spec["demo"] == {"n_images": 6, "seed": 1, "variant": "backgrounds", "image_size": 64, "refs_per_image": 5}
+    assert config["data"]["demo"]["image_size"] == 48  # the set's images are the size of the demo's
+    assert spec["demo"] == {"n_images": 6, "seed": 1, "variant": "backgrounds", "image_size": 48, "refs_per_image": 5}
     assert "label" not in spec and "url" not in spec  # a new title or mirror must not rebuild the set
     bad = C.load(ROOT / "config" / "config.yaml", {"evaluate": {"datasets": {"f30k": {"format": "karpathy", "member": "x.json"}}}})
     with pytest.raises(ValueError) as err:

@@ -14,30 +14,19 @@ import torch
 import yaml
 
 from dico import cli
+from dico import config as C
 from dico.data import load_split
 from dico.evaluate import embed_images, load_captions, load_references, score, skipped_rows
 from dico.features import cache_features
-from worlds import tiny_world
+from worlds import TINY_CONFIG, tiny_world
 
-CONFIG = {
-    "seed": 0, "device": "cpu",
-    "data": {"source": "demo", "demo": {"n_train": 24, "n_val": 6, "n_test": 6, "image_size": 32}},
-    "clip_models": {"clip": {"source": "demo", "train": {"steps": 5, "batch_size": 16, "patch_size": 8,
-                                                         "vision_layers": 1, "text_layers": 1}}},
-    "features": {"backbone": "clip", "num_workers": 0, "shard_size": 8, "batch_size": 8},
-    "model": {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
-              "vocab": "train", "max_caption_tokens": 24, "max_dec_positions": 40},
-    "decoding": {"max_len": 12, "beam_size": 2},
+# the tiny worlds' config with a few steps of every training method
+CONFIG = C.deep_merge(TINY_CONFIG, {
     "train": {"log_every": 2},
-    "xe": {"steps": 4, "batch_size": 12, "grad_accum": 1, "captions_per_image": None, "val_every": 2, "lr": 2.0e-3},
+    "xe": {"steps": 4, "batch_size": 12, "val_every": 2, "lr": 2.0e-3},
     "scst": {"rewards": ["cider"], "steps": 2, "batch_images": 2, "k": 2, "val_every": 1},
     "dico": {"steps": 2, "batch_images": 2, "k": 2, "val_every": 1},
-    "ablations": {},
-    "rewards": {"cider": {"type": "cider"}, "clip_s": {"type": "clip", "model": "clip"},
-                "pac_s": {"type": "clip", "model": "clip"}},
-    "evaluate": {"splits": ["test"], "meteor": False, "clip_s": {"model": "clip"}, "pac_s": {"model": "clip"}},
-    "report": {"reported": None},
-}
+})
 EVAL_SPEC = {"meteor": False, "spice_jar_dir": None,
              "clip_s": {"model": "clip", "w": 2.5, "prefix": "A photo depicts "},
              "pac_s": {"model": "clip", "w": 2.0, "prefix": "A photo depicts "}}

@@ -360,7 +360,8 @@ def test_default_runs_everything_that_can_run_and_says_why_not_the_rest(world, c
     assert [r["image_id"] for r in rows] == ["image1", "image2"]
     assert set(rows[0]) == {"image_id", "caption", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L",
                             "CIDEr", "PAC-S", "RefPAC-S"}
-    assert np.mean([float(r["PAC-S"]) for r in rows]) == pytest.approx(m["metrics"]["PAC-S"], abs=1e-9)
+    # PAC-S per image is float32 (CLIP's): the corpus value is their float32 mean, ~1e-8 from the float64 one
+    assert np.mean([float(r["PAC-S"]) for r in rows]) == pytest.approx(m["metrics"]["PAC-S"], abs=1e-6)
     assert np.mean([float(r["ROUGE-L"]) for r in rows]) == pytest.approx(m["metrics"]["ROUGE-L"], abs=1e-9)
 
 
