@@ -247,9 +247,7 @@ def cmd_generate(args):
     configure(0, True, args.threads)
     device = _device(s["device"])
     dec = s["decoding"]
-    if len(args.features) != len(args.split):
-        raise SystemExit(f"give one --features per --split ({len(args.split)} splits, {len(args.features)} --features)")
-    features = dict(zip(args.split, args.features))
+    features = {job["split"]: job["features"] for job in _per_split(args, "features")}
     stores, loaded = {}, None  # a split's features load once for all models (evaluate.group_runs)
     for job in _per_split(args, "out", runs=len(args.model)):
         path = args.model[job["index"]]
@@ -278,7 +276,8 @@ def cmd_evaluate(args):
     once; it loads its paraphrase tables while this process imports and loads the CLIP models)."""
     from .data import load_split
     from .demo import grammar_of
-    from .metrics import start_meteor
+    from .evaluate import load_captions
+    from .metrics import ptb_prefetch, start_meteor
     from .runtime import configure
 
     s = _spec(args, C.evaluate_spec)
@@ -298,13 +297,11 @@ def cmd_evaluate(args):
     for job in jobs:
         job["run"] = runs[job["index"]]
         job["model_checkpoint"] = args.model_checkpoint[job["index"]] if args.model_checkpoint else None
+        job["texts"] = load_captions(job["captions"])
     train_caps = ([c for r in load_split(args.splits, "train") for c in r.captions] if args.splits else [])
     grammar = grammar_of(args.splits)  # the demo's caption grammar on a demo set (diversity.fluent_pct)
     if len(jobs) > 1 and args.splits:  # every caption and reference through one PTB tokenizer JVM
-        from .evaluate import load_captions
-        from .metrics import ptb_prefetch
-
-        ptb_prefetch([c for job in jobs for c in load_captions(job["captions"]).values()] +
+        ptb_prefetch([c for job in jobs for c in job["texts"].values()] +
                      [c for split in args.split for r in load_split(args.splits, split) for c in r.captions])
     for job in jobs:
         _evaluate_split(args, s, job, evaluators, train_caps, grammar, device)
@@ -312,11 +309,10 @@ def cmd_evaluate(args):
 
 def _evaluate_split(args, s, job, evaluators, train_caps, grammar, device):
     from .data import ImageRecord, load_split
-    from .evaluate import embed_images, load_captions, load_references, score
+    from .evaluate import embed_images, load_references, score
     from .io import provenance, write_json
 
-    t0, split = time.time(), job["split"]
-    captions = load_captions(job["captions"])
+    t0, split, captions = time.time(), job["split"], job["texts"]
     if args.splits:
         records = load_split(args.splits, split)
     else:  # outside the DAG: any references file + an image folder

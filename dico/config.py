@@ -6,8 +6,8 @@ the allowed values and the file, not an hour into a cluster job.
 
 Runs: `xe`; `scst_<reward>` per entry of scst.rewards; `dico`; and one `dico_<name>-<value>` per
 ablation value that differs from the dico default. With `seeds`, each of the main runs (xe, scst_*,
-dico) also runs at every other seed N as `<run>_seedN`, fine-tuned from `xe_seedN`. `run_spec(config, run)` resolves one run to the
-settings it needs - only those, so that editing an unrelated key does not retrain it (Snakemake
+dico) also runs at every other seed N as `<run>_seedN`, fine-tuned from `xe_seedN`.
+`run_spec(config, run)` resolves one run to the settings it needs - only those, so that editing an unrelated key does not retrain it (Snakemake
 reruns a job when its params change).
 """
 from __future__ import annotations

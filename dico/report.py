@@ -57,8 +57,11 @@ def load_metrics(paths) -> list[dict]:
 
 
 def base_run(run: str) -> str:
-    """`dico_seed2` -> `dico`: seeds of one run are one row."""
-    return re.sub(r"_seed\d+$", "", run)
+    """`dico_seed2` -> `dico`: seeds of one run are one row (the names dico.config gives them)."""
+    from .config import SEEDED_RUN
+
+    m = SEEDED_RUN.match(run)
+    return m["base"] if m else run
 
 
 def group_by_run(metrics: list[dict]) -> dict[str, list[dict]]:

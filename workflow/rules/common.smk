@@ -185,10 +185,12 @@ def embedding_splits():
 EMBEDDING_SPLITS = embedding_splits()
 
 
-def evaluate_inputs(wildcards):
+def scorer_inputs(runs):
+    """What scoring `runs` reads: their captions (run-major) and checkpoints, the split file, the
+    scorers' checkpoints and image embeddings (evaluate_args names them)."""
     files = {
-        "captions": [f"results/captions/{wildcards.run}/{s}.json" for s in EVAL_SPLITS] if wildcards else [],
-        "model": f"results/runs/{wildcards.run}/model.pt" if wildcards else [],
+        "captions": [f"results/captions/{r}/{s}.json" for r in runs for s in EVAL_SPLITS],
+        "model": [f"results/runs/{r}/model.pt" for r in runs],
         "splits": splits_file(),
     }
     for n in EVAL_MODELS:
@@ -198,12 +200,13 @@ def evaluate_inputs(wildcards):
     return files
 
 
+def evaluate_inputs(wildcards):
+    return scorer_inputs([wildcards.run])
+
+
 def evaluate_runs_inputs(wildcards):
-    """evaluate_runs (evaluate.group_runs): every run's captions and checkpoint, run-major."""
-    files = evaluate_inputs(None)
-    files["captions"] = [f"results/captions/{r}/{s}.json" for r in RUNS for s in EVAL_SPLITS]
-    files["model"] = [f"results/runs/{r}/model.pt" for r in RUNS]
-    return files
+    """evaluate_runs (evaluate.group_runs): every run's captions and checkpoint."""
+    return scorer_inputs(RUNS)
 
 
 def evaluate_args(wildcards, input):
