@@ -401,21 +401,25 @@ def reward_scores(image_embs: torch.Tensor, cand_embs: torch.Tensor, w: float = 
 
 def score_captions(evaluator: Evaluator, pixels_or_image_embs: torch.Tensor, candidates: list[str],
                    refs: list[list[str]] | None, *, w: float, prefix: str = PACS_PREFIX,
-                   batch_size: int = 256) -> dict:
+                   batch_size: int = 256, ref_embs: torch.Tensor | None = None) -> dict:
     """Corpus CLIP-S/PAC-S (mean over captions) and, with refs, RefCLIP-S/RefPAC-S, plus per-caption
-    lists. Candidates and references get the same prefix (as pacscore does)."""
+    lists. Candidates and references get the same prefix (as pacscore does). `ref_embs`: the flat
+    references' `embed_texts(..., prefix)` computed before (`reference_embeddings`), for references
+    scored again and again (a validation set)."""
     x = pixels_or_image_embs
     img = evaluator.embed_images(x, batch_size) if x.dim() == 4 else F.normalize(x.float(), dim=-1)
     if len(img) != len(candidates):
         raise ValueError(f"{len(img)} images but {len(candidates)} candidate captions")
     cand = evaluator.embed_texts(candidates, prefix, batch_size)
-    ref_embs = None
+    per_image = None
     if refs is not None:
         if len(refs) != len(candidates):
             raise ValueError(f"{len(refs)} reference lists but {len(candidates)} candidate captions")
-        flat = evaluator.embed_texts([r for rs in refs for r in rs], prefix, batch_size)
-        ref_embs = list(flat.split([len(rs) for rs in refs]))
-    scores = clip_scores(img.to(cand.device), cand, ref_embs, w)
+        flat = reference_embeddings(evaluator, refs, prefix, batch_size) if ref_embs is None else ref_embs
+        if len(flat) != sum(len(rs) for rs in refs):
+            raise ValueError(f"{len(flat)} reference embeddings for {sum(len(rs) for rs in refs)} references")
+        per_image = list(flat.split([len(rs) for rs in refs]))
+    scores = clip_scores(img.to(cand.device), cand, per_image, w)
     out = {"score": scores["score"].mean().item(), "score_per_caption": scores["score"].tolist()}
     if "ref_score" in scores:
         out["ref_score"] = scores["ref_score"].mean().item()
@@ -423,20 +427,30 @@ def score_captions(evaluator: Evaluator, pixels_or_image_embs: torch.Tensor, can
     return out
 
 
+def reference_embeddings(evaluator: Evaluator, refs: list[list[str]], prefix: str = PACS_PREFIX,
+                         batch_size: int = 256) -> torch.Tensor:
+    """The references of every image, flattened in order, embedded with `prefix`: [sum of lens, D]."""
+    return evaluator.embed_texts([r for rs in refs for r in rs], prefix, batch_size)
+
+
 def score_captions_validation_form(evaluator: Evaluator, image_embs: torch.Tensor, candidates: list[str],
-                                   refs: list[list[str]], *, w: float, batch_size: int = 256) -> dict:
+                                   refs: list[list[str]], *, w: float, batch_size: int = 256,
+                                   ref_embs: torch.Tensor | None = None) -> dict:
     """CLIP-S / PAC-S and their Ref-variants as the official trainer computes them to select a
     checkpoint (official utils.py `clip_score_from_predictions` -> `compute_clip_score(ref=True)`):
     no text prefix, the candidate cosine NOT clamped, the best reference cosine clamped at 0,
 
         s = w * cos(I, c),   t = max(max_r cos(c, r), 0),   Ref = 2 s t / (s + t)
 
-    (0 where s + t = 0). Unlike `score_captions` (the reported metrics' form) s may be negative."""
+    (0 where s + t = 0). Unlike `score_captions` (the reported metrics' form) s may be negative.
+    `ref_embs`: `reference_embeddings(evaluator, refs, "")` computed before."""
     img = F.normalize(image_embs.float(), dim=-1)
     if not (len(img) == len(candidates) == len(refs)):
         raise ValueError(f"{len(img)} images, {len(candidates)} candidates and {len(refs)} reference lists")
     cand = evaluator.embed_texts(candidates, "", batch_size)
-    flat = evaluator.embed_texts([r for rs in refs for r in rs], "", batch_size)
+    flat = reference_embeddings(evaluator, refs, "", batch_size) if ref_embs is None else ref_embs
+    if len(flat) != sum(len(rs) for rs in refs):
+        raise ValueError(f"{len(flat)} reference embeddings for {sum(len(rs) for rs in refs)} references")
     t = max_ref_cosine(cand, list(flat.split([len(rs) for rs in refs]))).clamp(min=0)
     s = w * (img.to(cand.device) * cand).sum(-1)
     denom = s + t

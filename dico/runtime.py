@@ -37,7 +37,10 @@ def configure(seed: int, deterministic: bool, threads: int | None = None) -> Non
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # = torch.use_deterministic_algorithms(True, warn_only=True), minus its import of
+        # torch._inductor (~1.3 s a job on a 2-core VM) to set the compiler's flag: `maybe_compile`
+        # sets that one when train.compile asks for the compiler
+        torch.set_deterministic_debug_mode("warn")
         torch.backends.cudnn.benchmark = False
 
 
@@ -138,6 +141,8 @@ def maybe_compile(model: torch.nn.Module, enabled: bool, log=print) -> torch.nn.
     checkpoints are unchanged. The KV-cache bookkeeping between blocks stays eager."""
     if not enabled:
         return model
+    if torch.are_deterministic_algorithms_enabled():  # `configure` left the compiler's own flag alone
+        torch.use_deterministic_algorithms(True, warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
     blocks = [*model.encoder.layers, *model.decoder.h]
     for block in blocks:
         block.compile(dynamic=True)

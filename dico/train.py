@@ -149,6 +149,7 @@ class Validator:
         self.records = [records[i] for i in self.indices]
         self.gts = None  # CIDEr references, tokenised at the first call (they need the tokenizer)
         self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
+        self.ref_embs: dict[str, torch.Tensor] = {}  # metric name -> its embedded references (fixed: once)
         self.grammar = grammar  # the demo's caption grammar: fluent_pct in the curves (dico.demo.grammatical)
 
     def _cider_tokens(self, texts: list[str]) -> list[str]:
@@ -172,16 +173,20 @@ class Validator:
                                  length_penalty=dec["length_penalty"])
         cider, _ = cider_d(self.gts, {i: [t] for i, t in enumerate(self._cider_tokens(caps))})
         metrics = {"CIDEr": cider}
-        from .evaluator import score_captions, score_captions_validation_form
+        from .evaluator import reference_embeddings, score_captions, score_captions_validation_form
         from .metrics import fluent_pct
 
         form = self.spec.get("selection", {}).get("form", "metric")
         refs = [list(r.captions) for r in self.records]
         for name, (evaluator, embs, w, prefix) in self.scorers.items():
+            if name not in self.ref_embs:
+                self.ref_embs[name] = reference_embeddings(evaluator, refs, "" if form == "validation" else prefix)
             if form == "validation":
-                s = score_captions_validation_form(evaluator, embs[self.indices], caps, refs, w=w)
+                s = score_captions_validation_form(evaluator, embs[self.indices], caps, refs, w=w,
+                                                   ref_embs=self.ref_embs[name])
             else:
-                s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix)
+                s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix,
+                                   ref_embs=self.ref_embs[name])
             metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
         if self.grammar is not None:
             metrics["fluent_pct"] = fluent_pct(caps, self.grammar)

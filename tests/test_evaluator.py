@@ -354,6 +354,15 @@ def test_text_prefix_equals_the_full_text_tower():
     assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # there is padding to skip
     with torch.no_grad():
         assert torch.allclose(encode_text_prefix(model, tokens), model.encode_text(tokens), atol=1e-5)
+    # in length groups (demo_clip.TEXT_BUCKETS): each text's row back in its place, lengths unsorted
+    texts = ["a large blue square to the left of a small green triangle on a grey background", "a red circle",
+             "two shapes: a blue box and a red disk", "there is a tiny yellow diamond", "a circle",
+             "a picture of a big green triangle in the top left", "three shapes: a red box, a blue disk and a green rhombus"]
+    tokens = tokenize(texts, CFG["text_cfg"]["context_length"])
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        for buckets in (2, 3, 4):
+            assert torch.allclose(encode_text_prefix(model, tokens, buckets=buckets), full, atol=1e-5), buckets
 
 
 def test_retrieval_r1_both_ways_against_a_loop():

@@ -231,3 +231,29 @@ def test_compiled_blocks_give_the_same_beams_logprobs_gradients_and_checkpoint_n
     assert torch.allclose(lp_e, lp_c, atol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_deterministic_mode_without_the_compiler_import_and_the_compiler_flag_when_compiling():
+    """runtime.configure(deterministic=True) is torch.use_deterministic_algorithms(True, warn_only=True)
+    without that call's import of torch._inductor (seconds of every job's start-up); maybe_compile
+    sets the compiler's deterministic flag when the compiler is used. A fresh interpreter, so that
+    nothing else has imported the compiler yet."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from dico import runtime
+runtime.configure(0, True)
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+assert "torch._inductor" not in sys.modules, "configure imported the compiler"
+from dico.model import Captioner, CaptionerConfig
+model = Captioner(CaptionerConfig(feat_dim=6, vocab_size=9, pad_id=2, bos_id=0, eos_id=1, d_model=16, enc_layers=1,
+                                  dec_layers=1, n_heads=2, d_ff=32, max_enc_positions=16, max_dec_positions=32))
+runtime.maybe_compile(model, True, log=lambda *a: None)
+import torch._inductor.config as inductor_config
+assert inductor_config.deterministic is True
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -97,6 +97,40 @@ def test_xe_learns_far_beyond_an_untrained_model(world, xe_model):
     assert val(untrained, tok)["CIDEr"] < 0.1 < payload["val"]["CIDEr"]
 
 
+@pytest.mark.parametrize("form", ["validation", "metric"])
+def test_validator_embeds_the_references_once_and_scores_as_the_uncached_functions(world, xe_model, form):
+    from dico.evaluator import PACS_PREFIX, score_captions, score_captions_validation_form
+    from dico.train import Validator, generate_captions
+
+    class Counting:  # the evaluator, counting the texts it embeds
+        def __init__(self, ev):
+            self.ev, self.texts = ev, 0
+
+        def embed_texts(self, texts, prefix="", batch_size=256):
+            self.texts += len(texts)
+            return self.ev.embed_texts(texts, prefix, batch_size)
+
+    spec = _spec("dico", selection={"form": form})
+    records = load_split(world["splits"], "val")
+    store = FeatureStore(world["features"]["val"])
+    counting = Counting(world["ev"])
+    val = Validator(store, records, spec, "cpu", scorers={"PAC-S": (counting, world["embs"]["val"], 2.0, PACS_PREFIX)})
+    model, tok, _ = load_captioner(xe_model / "model.pt")
+    first, second = val(model, tok), val(model, tok)
+    refs = [list(r.captions) for r in val.records]
+    n_refs = sum(len(rs) for rs in refs)
+    assert counting.texts == n_refs + 2 * len(refs)  # references once, candidates at every call
+    dec = spec["decoding"]
+    caps = generate_captions(model, tok, store, val.indices, beam_size=dec["beam_size"], max_len=dec["max_len"],
+                             batch_size=dec["batch_size"], device="cpu")
+    embs = world["embs"]["val"][val.indices]
+    fresh = (score_captions_validation_form(world["ev"], embs, caps, refs, w=2.0) if form == "validation" else
+             score_captions(world["ev"], embs, caps, refs, w=2.0, prefix=PACS_PREFIX))
+    for got in (first, second):
+        assert got["PAC-S"] == pytest.approx(fresh["score"], abs=1e-6)
+        assert got["RefPAC-S"] == pytest.approx(fresh["ref_score"], abs=1e-6)
+
+
 @pytest.mark.parametrize("run", ["dico", "scst_clip_s"])
 def test_finetuning_raises_the_reward(world, xe_model, tmp_path, run):
     # clip_s reads decoded text: this 150-step XE model rarely ends a caption within max_len under HF beam
