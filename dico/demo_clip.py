@@ -60,8 +60,8 @@ def encode_text_prefix(model, tokens: torch.Tensor, embed=None, buckets: int = 1
     """`model.encode_text(tokens)` computed on the first L positions only, L = the last EOT + 1.
 
     The text tower is causal: no position attends to a later one, so the output at EOT (the highest
-    id, where CLIP pools) does not depend on the padding after it. Demo captions fill ~20 of the 32
-    positions, so training on the prefix skips a third of the text tower's work; the result equals
+    id, where CLIP pools) does not depend on the padding after it. Demo captions fill ~15 of the 32
+    positions (a batch's longest ~26), so training on the prefix skips part of the text tower's work; the result equals
     the full pass up to float rounding (tests/test_evaluator.py checks it). `embed`: the token
     embedding to use instead of `model.token_embedding` (`CompactTokenTable`). `buckets` > 1: the texts
     sorted by length and cut into that many groups, each run on its own prefix (every text's output is

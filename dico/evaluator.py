@@ -415,10 +415,7 @@ def score_captions(evaluator: Evaluator, pixels_or_image_embs: torch.Tensor, can
     if refs is not None:
         if len(refs) != len(candidates):
             raise ValueError(f"{len(refs)} reference lists but {len(candidates)} candidate captions")
-        flat = reference_embeddings(evaluator, refs, prefix, batch_size) if ref_embs is None else ref_embs
-        if len(flat) != sum(len(rs) for rs in refs):
-            raise ValueError(f"{len(flat)} reference embeddings for {sum(len(rs) for rs in refs)} references")
-        per_image = list(flat.split([len(rs) for rs in refs]))
+        per_image = _per_image(evaluator, refs, prefix, batch_size, ref_embs)
     scores = clip_scores(img.to(cand.device), cand, per_image, w)
     out = {"score": scores["score"].mean().item(), "score_per_caption": scores["score"].tolist()}
     if "ref_score" in scores:
@@ -431,6 +428,16 @@ def reference_embeddings(evaluator: Evaluator, refs: list[list[str]], prefix: st
                          batch_size: int = 256) -> torch.Tensor:
     """The references of every image, flattened in order, embedded with `prefix`: [sum of lens, D]."""
     return evaluator.embed_texts([r for rs in refs for r in rs], prefix, batch_size)
+
+
+def _per_image(evaluator: Evaluator, refs: list[list[str]], prefix: str, batch_size: int,
+               ref_embs: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each image's reference embeddings [R_i, D]: `ref_embs` (from `reference_embeddings`) or computed."""
+    flat = reference_embeddings(evaluator, refs, prefix, batch_size) if ref_embs is None else ref_embs
+    n = sum(len(rs) for rs in refs)
+    if len(flat) != n:
+        raise ValueError(f"{len(flat)} reference embeddings for {n} references")
+    return list(flat.split([len(rs) for rs in refs]))
 
 
 def score_captions_validation_form(evaluator: Evaluator, image_embs: torch.Tensor, candidates: list[str],
@@ -448,10 +455,7 @@ def score_captions_validation_form(evaluator: Evaluator, image_embs: torch.Tenso
     if not (len(img) == len(candidates) == len(refs)):
         raise ValueError(f"{len(img)} images, {len(candidates)} candidates and {len(refs)} reference lists")
     cand = evaluator.embed_texts(candidates, "", batch_size)
-    flat = reference_embeddings(evaluator, refs, "", batch_size) if ref_embs is None else ref_embs
-    if len(flat) != sum(len(rs) for rs in refs):
-        raise ValueError(f"{len(flat)} reference embeddings for {sum(len(rs) for rs in refs)} references")
-    t = max_ref_cosine(cand, list(flat.split([len(rs) for rs in refs]))).clamp(min=0)
+    t = max_ref_cosine(cand, _per_image(evaluator, refs, "", batch_size, ref_embs)).clamp(min=0)
     s = w * (img.to(cand.device) * cand).sum(-1)
     denom = s + t
     ref = torch.where(denom != 0, 2 * s * t / torch.where(denom != 0, denom, 1), 0.0)
