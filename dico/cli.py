@@ -69,7 +69,7 @@ def cmd_prepare_splits(args):
 
 def cmd_train_clip(args):
     from .data import load_split
-    from .demo import hard_negative_words, perturb_caption
+    from .demo import hard_negative_words, perturb_caption, pretraining_pairs
     from .demo_clip import tiny_clip_config, train_tiny_clip
     from .io import write_json
     from .runtime import configure
@@ -81,13 +81,21 @@ def cmd_train_clip(args):
                            vision_width=t["vision_width"], vision_layers=t["vision_layers"],
                            text_width=t["text_width"], text_layers=t["text_layers"],
                            context_length=t["context_length"])
+    init_state = None
+    if t["init"]:  # read back through the loader of the real checkpoints, as every other consumer does
+        if not args.init:
+            raise SystemExit(f"clip_models.{s['name']}.train.init is {t['init']!r}: give its checkpoint with --init")
+        init_state = _load_clip({"format": "openai"}, args.init).model.state_dict()
+        log.info("starting from %s (clip_models.%s.train.init: %s)", args.init, s["name"], t["init"])
+    extra = pretraining_pairs(t["pretraining_scenes"], s["image_size"], seed=t["seed"], workers=args.threads or 1)
     stats = train_tiny_clip(load_split(args.splits, "train"), cfg, args.out, steps=t["steps"],
                             batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
                             hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info,
                             eval_records=load_split(args.splits, "val"),
-                            text_vocab=hard_negative_words() if t["hard_negatives"] else ())
+                            text_vocab=hard_negative_words() if t["hard_negatives"] else (),
+                            extra_pairs=extra, init_state=init_state)
     if args.stats:  # retrieval R@1 on val (and on up to 512 train images), the training figures
-        write_json(args.stats, {"name": s["name"], **stats, "config": cfg})
+        write_json(args.stats, {"name": s["name"], "init": t["init"], **stats, "config": cfg})
     log.info("demo CLIP model %s written to %s: val R@1 i->t %.3f, t->i %.3f", s["name"], args.out,
              stats["val"]["i2t_r1"], stats["val"]["t2i_r1"])
 
@@ -391,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--name", required=True, help="clip_models entry")
     p.add_argument("--splits", required=True)
+    p.add_argument("--init", help="checkpoint of the entry that train.init names (the weights to start from)")
     p.add_argument("--out", required=True)
     p.add_argument("--stats", help="write the training figures and val retrieval R@1 here (JSON)")
     p.set_defaults(fn=cmd_train_clip)

@@ -82,6 +82,12 @@ def _explain(e) -> str:
     return f"{e.message}"
 
 
+# The keys of clip_models.<name>.train that fix a demo stand-in's architecture (a model that starts
+# from another one's weights, train.init, must have the same values).
+CLIP_ARCHITECTURE_KEYS = ("embed_dim", "patch_size", "vision_width", "vision_layers", "text_width",
+                          "text_layers", "context_length")
+
+
 def _check_references(config: dict, source: str) -> None:
     """Names that point into clip_models / rewards must exist."""
     models, rewards = config.get("clip_models", {}), config.get("rewards", {})
@@ -111,6 +117,18 @@ def _check_references(config: dict, source: str) -> None:
             problems.append(f"clip_models.{name}: source demo needs data.source demo")
         if m["source"] == "file" and not m.get("path"):
             problems.append(f"clip_models.{name}: source file needs a path (where the checkpoint is or will be downloaded)")
+        init = m.get("train", {}).get("init")
+        if m["source"] == "demo" and init is not None:
+            key = f"clip_models.{name}.train.init"
+            if init == name or models.get(init, {}).get("source") != "demo":
+                problems.append(f"{key}: {init!r} is not another demo clip_models entry (have: "
+                                f"{', '.join(n for n, o in models.items() if o['source'] == 'demo' and n != name) or 'none'})")
+            else:
+                differ = [k for k in CLIP_ARCHITECTURE_KEYS if m["train"][k] != models[init]["train"][k]]
+                if differ:
+                    problems.append(f"{key}: {name} starts from {init}'s weights, so its architecture must be "
+                                    f"{init}'s; set " + ", ".join(f"clip_models.{name}.train.{k} to "
+                                                                f"{models[init]['train'][k]}" for k in differ))
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
 

@@ -402,6 +402,40 @@ def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, i
     return split_file
 
 
+def pretraining_pairs(n: int, image_size: int, seed: int, jpeg_quality: int = 90,
+                      workers: int = 1) -> list[tuple[Image.Image, list[str]]]:
+    """`n` (image, five captions) pairs of new random scenes, kept in memory and never written: the
+    stand-ins' stand-in for the data CLIP and PAC-S are trained on beyond COCO (OpenAI CLIP's web pairs;
+    PAC-S's generated positives). Each image goes through a JPEG encode and decode at the demo's quality,
+    so it looks like the demo's files. Deterministic from `seed` (scenes and captions are drawn here in
+    order; `workers` processes only draw the images)."""
+    rng = random.Random(seed)
+    scenes, refs = [], []
+    for _ in range(n):
+        scenes.append(random_scene(rng))
+        refs.append(captions(scenes[-1], rng))
+    jobs = [(scene, image_size, jpeg_quality) for scene in scenes]
+    if workers > 1 and n > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            images = pool.map(_jpeg_scene, jobs, chunksize=max(1, n // (4 * workers)))
+    else:
+        images = [_jpeg_scene(j) for j in jobs]
+    return list(zip(images, refs))
+
+
+def _jpeg_scene(job) -> Image.Image:
+    """A scene drawn at `size` and read back from a JPEG at `quality` (what its demo file would hold)."""
+    import io
+
+    scene, size, quality = job
+    buf = io.BytesIO()
+    render(scene, size).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def _scene_json(scene: Scene) -> dict:
     return {"background": scene.background,
             "shapes": [{"colour": s.colour, "shape": s.shape, "size": s.size,

@@ -39,6 +39,11 @@ def test_run_spec_holds_only_what_the_run_needs():
     ({"device": "tpu"}, r"device: 'tpu' is not allowed"),
     ({"dico": {"reward": "bleu"}}, r"dico.reward: 'bleu' is not a rewards entry"),
     ({"features": {"backbone": "vit"}}, r"features.backbone: 'vit' is not a clip_models entry"),
+    ({"clip_models": {"pac": {"train": {"init": "pac"}}}},
+     r"clip_models.pac.train.init: 'pac' is not another demo clip_models entry \(have: clip\)"),
+    ({"clip_models": {"pac": {"train": {"vision_width": 64}}}},
+     r"clip_models.pac.train.init: pac starts from clip's weights, so its architecture must be clip's; "
+     r"set clip_models.pac.train.vision_width to 128"),
 ])
 def test_bad_config_names_key_and_fix(override, message):
     with pytest.raises(C.ConfigError, match=message):

@@ -140,3 +140,28 @@ def test_swapped_variants_are_grammatical_other_scenes_and_undo_themselves():
 ])
 def test_swapped_by_hand(text, attributes, relation):
     assert demo.swapped(text) == {"attributes": attributes, "relation": relation}
+
+
+def test_pretraining_pairs_are_demo_scenes_read_back_from_jpeg():
+    """Deterministic from the seed, the same with worker processes, five grammatical captions each,
+    and each image the JPEG file make_demo_data would write for that scene, read back."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from dico.demo import captions, grammatical, pretraining_pairs, random_scene, render
+
+    pairs = pretraining_pairs(6, 48, seed=5)
+    again = pretraining_pairs(6, 48, seed=5, workers=2)
+    assert [c for _, c in pairs] == [c for _, c in again]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(pairs, again))
+    assert [c for _, c in pretraining_pairs(6, 48, seed=6)] != [c for _, c in pairs]
+    rng = random.Random(5)  # the same draws by hand: scene, then its captions
+    for image, refs in pairs:
+        scene = random_scene(rng)
+        assert refs == captions(scene, rng) and all(grammatical(r) for r in refs)
+        buf = io.BytesIO()
+        render(scene, 48).save(buf, format="JPEG", quality=90)
+        assert image.size == (48, 48) and np.array_equal(np.asarray(image), np.asarray(Image.open(buf).convert("RGB")))

@@ -387,3 +387,37 @@ def test_retrieval_r1_both_ways_against_a_loop():
     i2t = sum(flat[max(range(6), key=lambda j: sims[i, j])] in captions[i] for i in range(3)) / 3
     t2i = sum(flat[j] in captions[max(range(3), key=lambda i: sims[i, j])] for j in range(6)) / 6
     assert (got["i2t_r1"], got["t2i_r1"]) == (i2t, t2i)
+
+
+def test_preprocess_all_is_clip_preprocess_bit_for_bit():
+    """The batched path (images already at the input size) against the reference transform, one image
+    at a time; other sizes and modes fall back to it."""
+    from dico.demo_clip import preprocess_all
+    from dico.evaluator import clip_preprocess
+
+    g = torch.Generator().manual_seed(0)
+    square = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy())
+              for _ in range(5)]
+    want = torch.stack([clip_preprocess(im, 32) for im in square])
+    assert torch.equal(preprocess_all(square, 32), want)
+    mixed = square + [square[0].resize((40, 36)), square[1].convert("RGBA")]
+    assert torch.equal(preprocess_all(mixed, 32), torch.stack([clip_preprocess(im, 32) for im in mixed]))
+
+
+def test_train_tiny_clip_starts_from_init_state_and_uses_extra_pairs(tmp_path):
+    """`init_state`: the run continues from those weights (a near-zero learning rate leaves them as they
+    were, while a run from random weights is far from them); `extra_pairs` join the pool (their count is
+    in the stats, and the R@1 of the first 512 images is still over the train records)."""
+    records = _colour_records(tmp_path, n_per_colour=2)
+    first = train_tiny_clip(records, CFG, tmp_path / "a.pth", steps=2, batch_size=8, lr=1e-3, seed=3, log=lambda s: None)
+    init = torch.load(tmp_path / "a.pth", weights_only=True)["state_dict"]
+    extra = [(Image.open(r.path).convert("RGB"), list(r.captions)) for r in records[:4]]
+    stats = train_tiny_clip(records, CFG, tmp_path / "b.pth", steps=1, batch_size=8, lr=1e-12, seed=4,
+                            log=lambda s: None, init_state=init, extra_pairs=extra)
+    cont = torch.load(tmp_path / "b.pth", weights_only=True)["state_dict"]
+    assert all(torch.allclose(cont[k], init[k], atol=1e-6) for k in init)
+    assert stats["n_images"] == len(records) + 4 and stats["n_pretraining_images"] == 4
+    assert first["n_pretraining_images"] == 0
+    train_tiny_clip(records, CFG, tmp_path / "c.pth", steps=1, batch_size=8, lr=1e-12, seed=4, log=lambda s: None)
+    fresh = torch.load(tmp_path / "c.pth", weights_only=True)["state_dict"]
+    assert not torch.allclose(fresh["visual.conv1.weight"], init["visual.conv1.weight"], atol=1e-3)

@@ -59,6 +59,7 @@ def test_every_output_exists(demo_run):
     for name in config["clip_models"]:  # the stand-ins say how well they retrieve
         stats = json.loads((res / "clip_models" / f"{name}.json").read_text())
         assert 0 <= stats["val"]["i2t_r1"] <= 1 and 0 <= stats["val"]["t2i_r1"] <= 1
+        assert stats["init"] == config["clip_models"][name]["train"]["init"]  # pac continues from clip
         assert stats["val"]["images"] == config["data"]["demo"]["n_val"]
         for kind in ("attributes", "relation"):  # the swap test of the README
             assert stats["swap_test"][kind]["pairs"] > 20 and 0 <= stats["swap_test"][kind]["prefers_original_pct"] <= 100

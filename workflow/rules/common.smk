@@ -65,6 +65,12 @@ def clip_model_path(name):
     return dc.clip_model_spec(config, name)["path"]
 
 
+def train_clip_inputs(wildcards):
+    """train_clip's inputs: the split file, and the checkpoint of the entry it starts from (train.init)."""
+    init = dc.clip_model_spec(config, wildcards.name)["train"]["init"]
+    return {"splits": splits_file(), **({"init": clip_model_path(init)} if init else {})}
+
+
 def karpathy_source():
     """The Karpathy-format split file: generated for the demo, dataset_coco.json for COCO."""
     if config["data"]["source"] == "demo":

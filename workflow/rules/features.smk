@@ -5,20 +5,24 @@
 
 rule train_clip:
     input:
-        splits=splits_file(),
+        unpack(train_clip_inputs),
     output:
         model="results/clip_models/{name}.pt",
         stats="results/clip_models/{name}.json",
     params:
         spec=lambda wc: spec(dc.clip_model_spec(config, wc.name)),
-    threads: 1
+        init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
+    # clip_models.<name>.train.threads (the demo's clip: 2, the only job that can run at that point)
+    threads: lambda wc: dc.clip_model_spec(config, wc.name)["train"]["threads"]
+    # after XE's features (6), beside XE (10): the demo's pac (from clip) must be done when XE is
+    priority: 5
     log:
         "results/logs/train_clip/{name}.log",
     conda:
         "../../envs/features.yaml"
     shell:
         "dico train-clip --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
-        " --out {output.model} --stats {output.stats} --threads {threads} > {log} 2>&1"
+        " {params.init} --out {output.model} --stats {output.stats} --threads {threads} > {log} 2>&1"
 
 
 # features.jobs is how many jobs share a split; it is not in the spec: it does not change the shards.
@@ -37,7 +41,8 @@ if FEATURE_JOBS == 1:
         params:
             spec=FEATURES_SPEC,
         threads: 1
-        priority: 5  # XE (10) waits for train and val; the embeddings jobs (0) feed nothing yet
+        # XE (10) waits for train and val; test and the embeddings jobs (0) feed nothing yet
+        priority: lambda wc: 6 if wc.split in ("train", "val") else 3
         log:
             "results/logs/cache_features/{split}.log",
         conda:
