@@ -63,3 +63,6 @@ rule train_scst:
 use rule train_scst as train_dico with:
     wildcard_constraints:
         run=r"dico(_[a-z]+-[^/]+)?(_seed\d+)?",
+    # the longer runs first (DiCO also runs the frozen reference): on a small machine the run left to
+    # train alone at the end is a shorter SCST run
+    priority: 1
