@@ -22,7 +22,8 @@ def _demo_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _step_fn(fast: bool, images, tokens, cfg, seed: int = 0, buckets: int = 1):
-    from dico.demo_clip import CompactTokenTable, build_tiny_clip, clip_optimizer, contrastive_loss, encode_text_prefix
+    from dico.demo_clip import CompactTokenTable, build_tiny_clip, clip_optimizer, contrastive_loss
+    from dico.evaluator import encode_text_prefix
 
     model = build_tiny_clip(cfg, seed).train()
     table = CompactTokenTable(model.token_embedding, tokens.flatten()) if fast else None

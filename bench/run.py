@@ -57,7 +57,9 @@ MAIN = {"cider": _lazy("cider_bench", "bench_cider"), "cider_reward": _lazy("cid
         "beam": _lazy("decode_bench", "bench_beam"), "beam_styles": _lazy("decode_bench", "bench_beam_styles"),
         "features": _lazy("features_bench", "bench_features"),
         "jpeg_draft": _lazy("features_bench", "bench_jpeg_draft"), "dico_step": _lazy("step_bench", "bench_dico_step"),
-        "demo_clip_step": _lazy("demo_bench", "bench_demo_clip_step")}
+        "demo_clip_step": _lazy("demo_bench", "bench_demo_clip_step"),
+        "text_embed": _lazy("evaluator_bench", "bench_text_embed"),
+        "load_evaluator": _lazy("evaluator_bench", "bench_load_evaluator")}
 SCALING = {"scaling_cider": _scaling_cider, "scaling_beam": _lazy("decode_bench", "scaling_beam"),
            "scaling_features": _lazy("features_bench", "scaling_features"),
            "scaling_dico_step": _lazy("step_bench", "scaling_dico_step")}

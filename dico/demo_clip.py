@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .evaluator import CLIP_MEAN, CLIP_STD, HEAD_WIDTH, Evaluator, clip_preprocess, save_evaluator, tokenize
+from .evaluator import (CLIP_MEAN, CLIP_STD, HEAD_WIDTH, Evaluator, clip_preprocess, encode_text_prefix, save_evaluator,
+                        tokenize)
 
 # Length groups of a training batch's texts (`encode_text_prefix`): demo captions are 15 BPE tokens on
 # average and a batch's longest ~26, so one prefix for all wastes about half the text tower's work. A
@@ -54,29 +55,6 @@ def build_tiny_clip(cfg: dict, seed: int):
         torch.manual_seed(seed)
         return CLIP(cfg["embed_dim"], dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]),
                     quick_gelu=cfg.get("quick_gelu", True))
-
-
-def encode_text_prefix(model, tokens: torch.Tensor, embed=None, buckets: int = 1) -> torch.Tensor:
-    """`model.encode_text(tokens)` computed on the first L positions only, L = the last EOT + 1.
-
-    The text tower is causal: no position attends to a later one, so the output at EOT (the highest
-    id, where CLIP pools) does not depend on the padding after it. Demo captions fill ~15 of the 32
-    positions (a batch's longest ~26), so training on the prefix skips part of the text tower's work; the result equals
-    the full pass up to float rounding (tests/test_evaluator.py checks it). `embed`: the token
-    embedding to use instead of `model.token_embedding` (`CompactTokenTable`). `buckets` > 1: the texts
-    sorted by length and cut into that many groups, each run on its own prefix (every text's output is
-    a function of that text alone), so short captions do not pay for the longest one of the batch."""
-    from open_clip.transformer import text_global_pool
-
-    if buckets > 1 and len(tokens) > buckets:  # shortest to longest, each bucket on its own prefix
-        order = tokens.argmax(-1).argsort()
-        out = torch.cat([encode_text_prefix(model, tokens[part], embed) for part in order.chunk(buckets)])
-        return out[order.argsort()]
-    length = int(tokens.argmax(-1).max()) + 1
-    tokens = tokens[:, :length]
-    x = (model.token_embedding if embed is None else embed)(tokens) + model.positional_embedding[:length]
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    return text_global_pool(x, tokens, model.text_pool_type) @ model.text_projection
 
 
 def preprocess_all(images, size: int) -> torch.Tensor:

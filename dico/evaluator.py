@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -142,12 +143,20 @@ class Evaluator:
     @torch.no_grad()
     def embed_tokens(self, tokens: torch.Tensor, batch_size: int = 256, precision: str = "none") -> torch.Tensor:
         """CLIP token ids [N, context_length] -> [N,D] L2-normalised (fp32). `precision="fp16"` runs the
-        text tower under fp16 autocast on a GPU (the official training reward's precision)."""
+        text tower under fp16 autocast on a GPU (the official training reward's precision).
+
+        A causal text tower (`text_tower_is_causal`: OpenAI CLIP, PAC-S) runs the texts shortest first,
+        each batch on the positions up to its longest text's EOT (`encode_text_prefix`): the same
+        embeddings as `encode_text` on the full context up to float rounding, for a fraction of the
+        work, since a caption fills ~15-20 of CLIP's 77 positions."""
         half = precision == "fp16" and self.device.type == "cuda"
+        causal = text_tower_is_causal(self.model)
+        order = tokens.argmax(-1).argsort(stable=True) if causal else torch.arange(len(tokens))
+        encode = (lambda t: encode_text_prefix(self.model, t)) if causal else self.model.encode_text
         with torch.autocast("cuda", dtype=torch.float16, enabled=half):
-            out = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
-                   for i in range(0, len(tokens), batch_size)]
-        return _l2(out, self.embed_dim, self.device)
+            out = [encode(tokens[order[i:i + batch_size]].to(self.device)) for i in range(0, len(tokens), batch_size)]
+        emb = _l2(out, self.embed_dim, self.device)
+        return emb[order.argsort().to(emb.device)] if causal else emb
 
     def embed_texts(self, texts: Sequence[str], prefix: str = "", batch_size: int = 256) -> torch.Tensor:
         """prefix + text for each text -> [N,D] L2-normalised (fp32)."""
@@ -155,6 +164,41 @@ class Evaluator:
         out = [self.embed_tokens(tokenize(texts[i:i + batch_size], self.context_length), batch_size)
                for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+
+def text_tower_is_causal(model) -> bool:
+    """True when `model.encode_text` is an OpenAI-style text tower: causal self-attention (no position
+    attends to a later one) pooled at the EOT token (the highest id). Then a text's embedding does not
+    depend on the padding after its EOT, and `encode_text_prefix` may skip it."""
+    return (getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", None) == "argmax"
+            and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")))
+
+
+def encode_text_prefix(model, tokens: torch.Tensor, embed=None, buckets: int = 1) -> torch.Tensor:
+    """`model.encode_text(tokens)` computed on the first L positions only, L = the last EOT + 1, for a
+    model where `text_tower_is_causal` holds: the output at each text's EOT, where CLIP pools, does
+    not depend on the padding after it, so the result equals the full pass up to float rounding
+    (tests/test_evaluator.py checks it against open_clip's `encode_text`). `embed`: the token
+    embedding to use instead of `model.token_embedding` (the demo's `CompactTokenTable`). `buckets` > 1:
+    the texts sorted by length and cut into that many groups, each run on its own prefix (every text's
+    output is a function of that text alone), so short texts do not pay for the longest one."""
+    from open_clip.transformer import text_global_pool
+
+    if buckets > 1 and len(tokens) > buckets:  # shortest to longest, each bucket on its own prefix
+        order = tokens.argmax(-1).argsort()
+        out = torch.cat([encode_text_prefix(model, tokens[part], embed) for part in order.chunk(buckets)])
+        return out[order.argsort()]
+    length = int(tokens.argmax(-1).max()) + 1 if len(tokens) else 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()  # as open_clip's CLIP.encode_text
+    x = (model.token_embedding if embed is None else embed)(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, tokens, model.text_pool_type)
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
 def _l2(chunks: list[torch.Tensor], dim: int, device) -> torch.Tensor:
@@ -230,13 +274,24 @@ def _build_openai(sd: dict, path: Path):
     if missing:
         raise ValueError(_mismatch_msg(path, _OPENAI_FORMAT, missing, [], [], _suggest(sd, "openai")))
     try:
-        # the builder casts to fp16 before loading (OpenAI's JIT weights are half) ...
-        model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None)
+        # open_clip's builder infers the architecture from the shapes and lays the modules out. On the
+        # meta device it skips their random initialisation and its fp16 copy of the weights (~1 s for
+        # ViT-B/32, ~2.5 s for ViT-L/14, in every job that loads one); the weights are assigned below.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            model = build_model_from_openai_state_dict(dict(sd), cast_dtype=None)
+        model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(_mismatch_msg(path, _OPENAI_FORMAT, *_parse_load_error(str(e)),
                                        _suggest(sd, "openai"))) from None
-    # ... so reload in fp32: PAC-S evaluates (and its checkpoint is stored) in fp32
-    model.float().load_state_dict(sd, strict=True)
+    model.float()  # OpenAI's JIT weights are fp16; PAC-S evaluates (and stores its checkpoint) in fp32
+    mask = getattr(model, "attn_mask", None)
+    if isinstance(mask, torch.Tensor) and mask.is_meta:  # not a weight: open_clip's causal mask, rebuilt
+        model.attn_mask = torch.full(tuple(mask.shape), float("-inf")).triu_(1)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_evaluator({path}): {left[:5]} have no value after loading: this open_clip "
+                           "version builds tensors that are not weights; report it with its version")
     return model
 
 

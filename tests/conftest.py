@@ -3,6 +3,13 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs more torch processes than there are cores (2 pytest workers, each starting snakemake
+# jobs, torchrun processes, `dico` commands). OpenMP threads that busy-wait between parallel regions
+# then burn the cores the other processes need: 4 two-thread processes on 2 cores ran 4.5x longer with
+# the default wait policy than with PASSIVE (bench/RESULTS.md). Inherited by every subprocess; set
+# before anything imports torch (libgomp reads it once). The demo itself keeps the default: there a
+# two-thread job runs alone, and sleeping threads would slow it by ~25 %.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)

@@ -34,8 +34,8 @@ def test_run_quick_cheap_benchmarks():
 
 def test_run_lists_every_benchmark():
     names = run("bench/run.py", "--list").split()
-    for name in ("cider", "cider_reward", "beam", "features", "dico_step", "demo_clip_step", "scaling_beam",
-                 "scaling_dico_step"):
+    for name in ("cider", "cider_reward", "beam", "features", "dico_step", "demo_clip_step", "text_embed",
+                 "load_evaluator", "scaling_beam", "scaling_dico_step"):
         assert name in names
 
 

@@ -77,6 +77,27 @@ def test_openai_layouts(model, pixels, tmp_path, layout):
     assert_same(Evaluator(model), load_evaluator(path, format="openai"), pixels)
 
 
+def test_openai_load_assigns_the_weights_without_a_random_init_and_equals_open_clips_builder(model, pixels, tmp_path):
+    """fp16 OpenAI-named weights (as in OpenAI's released files): the evaluator equals open_clip's own
+    builder followed by an fp32 load (weights, causal mask, both towers), in fp32, and loading it draws
+    nothing from torch's generator (no random initialisation that the weights then overwrite)."""
+    from open_clip.model import build_model_from_openai_state_dict
+
+    sd = {k: v.half() for k, v in model.state_dict().items()}
+    path = tmp_path / "fp16.pt"
+    torch.save(sd, path)
+    rng = torch.get_rng_state()
+    ev = load_evaluator(path, format="openai")
+    assert torch.equal(torch.get_rng_state(), rng)
+    ref = build_model_from_openai_state_dict(dict(sd), cast_dtype=None)
+    ref.float().load_state_dict(sd)
+    got, want = ev.model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert {t.dtype for t in got.values()} == {torch.float32} and not any(t.is_meta for t in got.values())
+    assert torch.equal(ev.model.attn_mask, ref.attn_mask)
+    assert_same(Evaluator(ref), ev, pixels)
+
+
 def _register(tmp_path, name, cfg):
     d = tmp_path / "cfgs"
     d.mkdir(exist_ok=True)
@@ -202,6 +223,49 @@ def test_text_batching_and_truncation(model):
     tok = open_clip.tokenize([long], context_length=16)
     assert tok[0, -1].item() == 49407
     assert torch.allclose(ev.embed_texts([long]), F.normalize(model.encode_text(tok), dim=-1), atol=1e-6)
+
+
+def _lengths_seen(model):
+    """Record the sequence length of every batch the text transformer runs on."""
+    seen = []
+    handle = model.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    return seen, handle
+
+
+def test_embed_tokens_runs_each_batch_up_to_its_longest_eot_and_equals_open_clip():
+    """Against open_clip's own `encode_text` on the full context: texts of every length (one truncated
+    with its EOT kept last), unsorted, in batches of 2: the same embeddings, each back in its row, while
+    the text tower ran shortest first and each batch only up to its longest EOT."""
+    model = build_tiny_clip(CFG, 0)
+    ev = Evaluator(model)
+    texts = ["a large blue square to the left of a small green triangle", "a red circle", "",
+             " ".join(["word"] * 40), "two shapes: a box and a disk", "a circle", "there is a tiny yellow diamond"]
+    tokens = open_clip.tokenize(texts, context_length=16)
+    eot = tokens.argmax(-1) + 1
+    want = F.normalize(model.encode_text(tokens), dim=-1)
+    seen, handle = _lengths_seen(model)
+    try:
+        got = ev.embed_tokens(tokens, batch_size=2)
+    finally:
+        handle.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert seen == [int(b.max()) for b in eot.sort().values.split(2)]  # shortest first, each to its EOT
+    assert seen[0] < 16  # padding was skipped
+
+
+def test_embed_tokens_keeps_the_full_context_for_a_text_tower_that_is_not_causal_at_eot():
+    """A tower pooled at the last position (or without the causal mask) sees the padding: there the
+    prefix would be wrong, so the full context runs."""
+    model = copy.deepcopy(build_tiny_clip(CFG, 0))
+    model.text_pool_type = "last"
+    tokens = open_clip.tokenize(["a red circle", "two green circles and a square"], context_length=16)
+    seen, handle = _lengths_seen(model)
+    try:
+        got = Evaluator(model).embed_tokens(tokens)
+    finally:
+        handle.remove()
+    assert torch.allclose(got, F.normalize(model.encode_text(tokens), dim=-1), atol=1e-6)
+    assert seen == [16]
 
 
 # -- scores ---------------------------------------------------------------------------------------
@@ -345,8 +409,7 @@ def test_compact_token_table_trains_the_dense_table_adamw_would():
 
 
 def test_text_prefix_equals_the_full_text_tower():
-    from dico.demo_clip import encode_text_prefix
-    from dico.evaluator import tokenize
+    from dico.evaluator import encode_text_prefix, tokenize
 
     model = build_tiny_clip(CFG, 0).eval()
     tokens = tokenize(["a red circle", "a large blue square to the left of a small green triangle"],
