@@ -93,7 +93,7 @@ def cmd_train_clip(args):
                             hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info,
                             eval_records=load_split(args.splits, "val"),
                             text_vocab=hard_negative_words() if t["hard_negatives"] else (),
-                            extra_pairs=extra, init_state=init_state)
+                            extra_pairs=extra, init_state=init_state, temperature_lr_scale=t["temperature_lr_scale"])
     if args.stats:  # retrieval R@1 on val (and on up to 512 train images), the training figures
         write_json(args.stats, {"name": s["name"], "init": t["init"], **stats, "config": cfg})
     log.info("demo CLIP model %s written to %s: val R@1 i->t %.3f, t->i %.3f", s["name"], args.out,

@@ -102,13 +102,18 @@ class CompactTokenTable(torch.nn.Module):
         full.weight[self.ids] = self.weight
 
 
-def clip_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def clip_optimizer(params, lr: float, weight_decay: float, temperature: torch.Tensor | None = None,
+                   temperature_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """CLIP's AdamW (β = 0.9, 0.98, eps 1e-6), weight decay on matrices only (not on gains, biases
-    and the logit scale)."""
+    and the logit scale). Each group's "lr_scale" multiplies the scheduled lr (`train_tiny_clip`): 1,
+    except `temperature_lr_scale` for the `temperature` parameter (the learnable logit scale)."""
     params = list(params)
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    rest = [p for p in params if p is not temperature]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if temperature is not None and any(p is temperature for p in params):
+        groups.append({"params": [temperature], "weight_decay": 0.0, "lr_scale": temperature_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def contrastive_loss(model, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +127,8 @@ def contrastive_loss(model, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch
 def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int, lr: float, seed: int,
                     hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
                     log=print, eval_records=None, weight_decay: float = 0.1,
-                    warmup: int | None = None, text_vocab=(), extra_pairs=(), init_state: dict | None = None) -> dict:
+                    warmup: int | None = None, text_vocab=(), extra_pairs=(), init_state: dict | None = None,
+                    temperature_lr_scale: float = 1.0) -> dict:
     """Contrastive training of a tiny CLIP on (image, one random caption of its refs) pairs: the
     `records` (the demo's train split) and `extra_pairs` ((PIL image, captions) kept in memory:
     `dico.demo.pretraining_pairs`), from random weights or from `init_state` (the state dict of a
@@ -133,7 +139,10 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     With `hard_negative_fn`, each image also gets one perturbed caption whose embedding is an extra
     NEGATIVE column of the image->text softmax ([B, B + H] logits); text->image stays [B, B]. This
     teaches the tiny model details (colours, relations), standing in for PAC-S's stronger training.
-    AdamW (β = 0.9, 0.98, CLIP's), linear warmup then cosine decay to lr/10. Deterministic given seed.
+    AdamW (β = 0.9, 0.98, CLIP's), linear warmup then cosine decay to lr/10, the logit scale at
+    `temperature_lr_scale` times that lr (CLIP's recipe is 1: over its 32 epochs the temperature
+    reaches the clamp; in a thousand steps at lr 1e-3 AdamW moves log s by ~0.5, from 14.3 to ~24,
+    and the softmax stays soft). Deterministic given seed.
     The token table trains as a `CompactTokenTable` of the ids in the captions and in `text_vocab`
     (texts `hard_negative_fn` may write words of), and the text tower on caption prefixes
     (`encode_text_prefix`, in `TEXT_BUCKETS` length groups): the same model as the plain dense loop,
@@ -161,7 +170,7 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     vocab = [t.flatten() for t in caption_tokens] + ([tokenize(list(text_vocab), ctx).flatten()] if text_vocab else [])
     table = CompactTokenTable(model.token_embedding, torch.cat(vocab))
     opt = clip_optimizer([p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight],
-                         lr, weight_decay)
+                         lr, weight_decay, temperature=model.logit_scale, temperature_lr_scale=temperature_lr_scale)
     warmup = max(1, steps // 10) if warmup is None else warmup
 
     def lr_at(step):  # linear warmup, then cosine from lr to lr/10
@@ -190,7 +199,7 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
         scale = model.logit_scale.detach().exp()  # for the log: the temperature this step used
 
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -212,7 +221,7 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     train_s = time.time() - t0
     save_evaluator(model, out_path)
     ev = Evaluator(model)
-    stats = {"steps": steps, "n_images": n, "n_pretraining_images": len(extra_pairs), "batch_size": bsz, "first_loss": first_loss,
+    stats = {"steps": steps, "temperature_lr_scale": temperature_lr_scale, "n_images": n, "n_pretraining_images": len(extra_pairs), "batch_size": bsz, "first_loss": first_loss,
              "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
              "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
              "train": retrieval(ev, images[:512], captions[:512]),

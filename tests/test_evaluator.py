@@ -484,3 +484,20 @@ def test_train_tiny_clip_starts_from_init_state_and_uses_extra_pairs(tmp_path):
     train_tiny_clip(records, CFG, tmp_path / "c.pth", steps=1, batch_size=8, lr=1e-12, seed=4, log=lambda s: None)
     fresh = torch.load(tmp_path / "c.pth", weights_only=True)["state_dict"]
     assert not torch.allclose(fresh["visual.conv1.weight"], init["visual.conv1.weight"], atol=1e-3)
+
+
+def test_temperature_lr_scale_multiplies_the_logit_scales_step_only(tmp_path):
+    """AdamW's first step moves a parameter by lr * g / (|g| + eps), i.e. by the lr (sign of the gradient):
+    the logit scale moves by temperature_lr_scale x lr, every other weight exactly as with scale 1."""
+    import math
+
+    records = _colour_records(tmp_path, n_per_colour=2)
+    lr, init = 1e-3, math.log(1 / 0.07)  # open_clip's initial logit scale
+    out = {}
+    for scale in (1.0, 30.0):
+        stats = train_tiny_clip(records, CFG, tmp_path / f"t{scale}.pth", steps=1, batch_size=8, lr=lr, seed=5,
+                                warmup=1, log=lambda s: None, temperature_lr_scale=scale)
+        out[scale] = torch.load(tmp_path / f"t{scale}.pth", weights_only=True)["state_dict"]
+        assert stats["temperature_lr_scale"] == scale
+        assert abs(out[scale]["logit_scale"].item() - init) == pytest.approx(scale * lr, rel=1e-3)
+    assert all(torch.equal(out[1.0][k], out[30.0][k]) for k in out[1.0] if k != "logit_scale")
