@@ -43,6 +43,7 @@ _RGB = {**COLOURS, **UNSEEN_COLOURS}  # render() looks shape colours up here,
 _BACKGROUND_RGB = {**BACKGROUNDS, **UNSEEN_BACKGROUNDS}  # and backgrounds here
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
+JPEG_QUALITY = 90  # of the demo files; the in-memory pretraining scenes go through the same round trip
 
 SHAPE_WORDS = {"circle": ["circle", "circle", "disk", "round shape"],
                "square": ["square", "square", "box", "block"],
@@ -361,7 +362,7 @@ def perturb_caption(text: str, rng: random.Random) -> str | None:
 
 # -- the data set --------------------------------------------------------------------------------
 def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, image_size: int,
-                   seed: int, refs_per_image: int = 5, jpeg_quality: int = 90, variant: str | None = None) -> Path:
+                   seed: int, refs_per_image: int = 5, jpeg_quality: int = JPEG_QUALITY, variant: str | None = None) -> Path:
     """Write `out_dir/images/{split}/NNNNNN.jpg` and `out_dir/dataset_demo.json` (Karpathy schema).
 
     Returns the path of the split file. The JSON is written last, so its presence means the images
@@ -402,7 +403,7 @@ def make_demo_data(out_dir: str | Path, n_train: int, n_val: int, n_test: int, i
     return split_file
 
 
-def pretraining_pairs(n: int, image_size: int, seed: int, jpeg_quality: int = 90,
+def pretraining_pairs(n: int, image_size: int, seed: int, jpeg_quality: int = JPEG_QUALITY,
                       workers: int = 1) -> list[tuple[Image.Image, list[str]]]:
     """`n` (image, five captions) pairs of new random scenes, kept in memory and never written: the
     stand-ins' stand-in for the data CLIP and PAC-S are trained on beyond COCO (OpenAI CLIP's web pairs;

@@ -145,18 +145,21 @@ class Evaluator:
         """CLIP token ids [N, context_length] -> [N,D] L2-normalised (fp32). `precision="fp16"` runs the
         text tower under fp16 autocast on a GPU (the official training reward's precision).
 
-        A causal text tower (`text_tower_is_causal`: OpenAI CLIP, PAC-S) runs the texts shortest first,
-        each batch on the positions up to its longest text's EOT (`encode_text_prefix`): the same
+        A causal text tower (`text_tower_is_causal`: OpenAI CLIP, PAC-S) runs the texts shortest first in
+        groups of at most `batch_size`, each on the positions up to its longest text's EOT
+        (`encode_text_prefix`'s length groups): the same
         embeddings as `encode_text` on the full context up to float rounding, for a fraction of the
         work, since a caption fills ~15-20 of CLIP's 77 positions."""
         half = precision == "fp16" and self.device.type == "cuda"
-        causal = text_tower_is_causal(self.model)
-        order = tokens.argmax(-1).argsort(stable=True) if causal else torch.arange(len(tokens))
-        encode = (lambda t: encode_text_prefix(self.model, t)) if causal else self.model.encode_text
         with torch.autocast("cuda", dtype=torch.float16, enabled=half):
-            out = [encode(tokens[order[i:i + batch_size]].to(self.device)) for i in range(0, len(tokens), batch_size)]
-        emb = _l2(out, self.embed_dim, self.device)
-        return emb[order.argsort().to(emb.device)] if causal else emb
+            if not len(tokens):
+                out = []
+            elif text_tower_is_causal(self.model):  # length groups of at most batch_size texts
+                out = [encode_text_prefix(self.model, tokens.to(self.device), buckets=-(-len(tokens) // batch_size))]
+            else:
+                out = [self.model.encode_text(tokens[i:i + batch_size].to(self.device))
+                       for i in range(0, len(tokens), batch_size)]
+        return _l2(out, self.embed_dim, self.device)
 
     def embed_texts(self, texts: Sequence[str], prefix: str = "", batch_size: int = 256) -> torch.Tensor:
         """prefix + text for each text -> [N,D] L2-normalised (fp32)."""
@@ -184,11 +187,11 @@ def encode_text_prefix(model, tokens: torch.Tensor, embed=None, buckets: int = 1
     output is a function of that text alone), so short texts do not pay for the longest one."""
     from open_clip.transformer import text_global_pool
 
-    if buckets > 1 and len(tokens) > buckets:  # shortest to longest, each bucket on its own prefix
+    if buckets > 1 and len(tokens) >= buckets:  # shortest to longest, each bucket on its own prefix
         order = tokens.argmax(-1).argsort()
         out = torch.cat([encode_text_prefix(model, tokens[part], embed) for part in order.chunk(buckets)])
         return out[order.argsort()]
-    length = int(tokens.argmax(-1).max()) + 1 if len(tokens) else 1
+    length = int(tokens.argmax(-1).max()) + 1
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()  # as open_clip's CLIP.encode_text
     x = (model.token_embedding if embed is None else embed)(tokens).to(cast_dtype)
