@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from dico import config as C
+from dico.report import best_step
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"]
@@ -28,15 +29,6 @@ SUITE_STEPS = {"clip_models": {"clip": {"train": {"steps": 500, "pretraining_sce
                "xe": {"steps": 500, "val_every": 250},
                "scst": {"steps": 50, "val_every": 25},
                "dico": {"steps": 50, "val_every": 25}}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:  # a key the schema does not know fails the config's validation
-            base[key] = value
-    return base
 
 
 def snakemake(*args, cwd, timeout=3600):
@@ -53,7 +45,7 @@ def demo_run(tmp_path_factory):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
     demo = work / "config" / "config.yaml"
-    demo.write_text(yaml.safe_dump(_merge(yaml.safe_load(demo.read_text()), SUITE_STEPS), sort_keys=False))
+    demo.write_text(yaml.safe_dump(C.deep_merge(yaml.safe_load(demo.read_text()), SUITE_STEPS), sort_keys=False))
     out = snakemake("--cores", "2", "--show-failed-logs", cwd=work)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     return work, out.stdout + out.stderr
@@ -117,13 +109,14 @@ def test_xe_learns_and_dico_raises_the_evaluator_score_keeping_cider(demo_run):
     xe, dico = metrics(work, "xe")["metrics"], metrics(work, "dico")["metrics"]
     assert xe["CIDEr"] >= 0.8                       # raw scale: 0.8 = 80 in the paper's tables
     assert dico["CIDEr"] >= 0.8 * xe["CIDEr"]        # DiCO keeps 80% of XE's CIDEr
-    # and the checkpoint DiCO selected (best val RefPAC-S after step 0) scores higher with its reward
-    # model than the XE model it started from, in the trainer's validation (official form, val). After
-    # the suite's few steps a test-split gain is within that split's noise (one run of 100 steps:
-    # -0.008 test, +0.017 validation); the full demo's test gain is in the README.
+    # and the checkpoint DiCO selected, the one these metrics were computed from (never step 0), scores
+    # higher with its reward model than the XE model it started from, in the trainer's validation
+    # (official form, val). After the suite's few steps a test-split gain is within that split's noise
+    # (one run of 100 steps: -0.008 test, +0.017 validation); the full demo's test gain is in the README.
     rows = [json.loads(line) for line in (work / "results" / "runs" / "dico" / "train_log.jsonl").open()]
     val = {r["step"]: r for r in rows if r.get("phase") == "val"}
-    selected = max((s for s in val if s > 0), key=lambda s: val[s]["RefPAC-S"])
+    selected = best_step(metrics(work, "dico"))
+    assert selected in val and selected > 0
     assert val[selected]["PAC-S"] > val[0]["PAC-S"] and val[selected]["RefPAC-S"] > val[0]["RefPAC-S"]
     print(f"XE CIDEr {xe['CIDEr']:.3f} PAC-S {xe['PAC-S']:.4f}; DiCO CIDEr {dico['CIDEr']:.3f} PAC-S {dico['PAC-S']:.4f}")
 
