@@ -69,7 +69,7 @@ def cmd_prepare_splits(args):
 
 def cmd_train_clip(args):
     from .data import load_split
-    from .demo import hard_negative_words, perturb_caption, pretraining_pairs
+    from .demo import hard_negative_words, perturb_caption, pretraining_pairs, split_scenes
     from .demo_clip import tiny_clip_config, train_tiny_clip
     from .io import write_json
     from .runtime import configure
@@ -93,11 +93,13 @@ def cmd_train_clip(args):
                             hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log.info,
                             eval_records=load_split(args.splits, "val"),
                             text_vocab=hard_negative_words() if t["hard_negatives"] else (),
-                            extra_pairs=extra, init_state=init_state, temperature_lr_scale=t["temperature_lr_scale"])
+                            extra_pairs=extra, init_state=init_state, temperature_lr_scale=t["temperature_lr_scale"],
+                            scenes=split_scenes(args.splits, "train"), eval_scenes=split_scenes(args.splits, "val"))
     if args.stats:  # retrieval R@1 on val (and on up to 512 train images), the training figures
         write_json(args.stats, {"name": s["name"], "init": t["init"], **stats, "config": cfg})
-    log.info("demo CLIP model %s written to %s: val R@1 i->t %.3f, t->i %.3f", s["name"], args.out,
-             stats["val"]["i2t_r1"], stats["val"]["t2i_r1"])
+    v = stats["val"]
+    log.info("demo CLIP model %s written to %s: val R@1 i->t %.3f, t->i %.3f (hits: %s; by reference text "
+             "%.3f, %.3f)", s["name"], args.out, v["i2t_r1"], v["t2i_r1"], v["hits"], v["i2t_r1_refs"], v["t2i_r1_refs"])
 
 
 def _load_clip(spec: dict, path: str | None = None, device: str = "cpu"):

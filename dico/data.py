@@ -76,7 +76,10 @@ def _karpathy_images(karpathy_json: Path, raw, max_refs: int | None):
         if max_refs:
             captions = captions[:max_refs]
         file = str(Path(img.get("filepath", "")) / img["filename"])
-        yield split, {"image_id": image_id, "file": file, "captions": captions}
+        record = {"image_id": image_id, "file": file, "captions": captions}
+        if isinstance(img.get("scene"), dict):  # a demo image: what it shows (dico.demo.describes)
+            record["scene"] = img["scene"]
+        yield split, record
 
 
 def normalise_karpathy(karpathy_json: str | Path, image_root: str | Path, out: str | Path,

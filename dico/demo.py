@@ -121,9 +121,14 @@ def relation(a: Shape, b: Shape) -> str:
     return "above" if dy < 0 else "below"
 
 
+def _cell(sh: Shape) -> tuple[int, int]:
+    """The (column, row) of the scenes' 3 x 3 grid a shape is drawn in (`random_scene`)."""
+    return min(int(sh.x * 3), 2), min(int(sh.y * 3), 2)
+
+
 def position(sh: Shape) -> str:
-    col = ("left", "center", "right")[min(int(sh.x * 3), 2)]
-    row = ("top", "middle", "bottom")[min(int(sh.y * 3), 2)]
+    col, row = _cell(sh)
+    col, row = ("left", "center", "right")[col], ("top", "middle", "bottom")[row]
     if (row, col) == ("middle", "center"):
         return "the center"
     if row == "middle":
@@ -237,7 +242,7 @@ def _grammar():
     import re
 
     rel = _alternatives(w for ws in RELATION_WORDS.values() for w in ws)
-    pos = r"the (?:center|left|right|top|bottom|(?:top|bottom) (?:left|right))"
+    pos = r"(?P<pos>the (?:center|left|right|top|bottom|(?:top|bottom) (?:left|right)))"
     a, b, c = _phrase("a"), _phrase("b"), _phrase("c")
     rel = f"(?P<rel>{rel})"  # templates with a relation between a and b capture it (`swapped`)
     templates = [  # `caption` without its punctuation, template by template
@@ -247,7 +252,7 @@ def _grammar():
         f"{a} {b} and {c}", f"three shapes {a} {b} and {c}", f"{a} {rel} {b} and {c}", f"{a} {rel} {b} with {c}",
         f"a group of shapes with {a} {b} and {c}",
     ]
-    background = rf"(?: (?:on|against) a {_alternatives(_ALL_BACKGROUNDS)} background)?"
+    background = rf"(?: (?:on|against) a (?P<background>{_alternatives(_ALL_BACKGROUNDS)}) background)?"
     return [re.compile(t + background) for t in templates]
 
 
@@ -274,6 +279,73 @@ def grammatical(text: str) -> bool:
         if len(set(shapes)) == len(shapes):
             return True
     return False
+
+
+# -- truth: which scenes a caption describes --------------------------------------------------
+_SIZE_OF = {w: size for size, ws in SIZE_WORDS.items() for w in ws}
+_RELATION_OF = {w: rel for rel, ws in RELATION_WORDS.items() for w in ws}
+
+
+def _holds(rel: str, a: Shape, b: Shape) -> bool:
+    """"a <rel> b" on the grid: a is on that side of b, at least as many cells away along that axis as
+    along the other. A diagonal placement (as far on both axes) admits both words: there `relation`
+    names whichever axis the shapes' jitter happened to make longer."""
+    (ax, ay), (bx, by) = _cell(a), _cell(b)
+    along = {"left": bx - ax, "right": ax - bx, "above": by - ay, "below": ay - by}[rel]
+    return along > 0 and along >= (abs(ay - by) if rel in ("left", "right") else abs(ax - bx))
+
+
+def describes(text: str, scene: Scene) -> bool:
+    """Whether `text` is true of `scene`: a grammatical caption (`grammatical`) that names every shape
+    of the scene once, each with its colour, shape and (where given) size, and whose relation,
+    position and background (where given) hold in it. These are the captions `caption` writes for
+    the scene, except that on a diagonal placement either axis's relation word holds (`_holds`).
+    Generated scenes repeat ("a big red circle" alone on white and alone on grey), so a caption is
+    often true of other scenes than its own: what the stand-ins' retrieval counts as a hit."""
+    from .cider import simple_tokenize
+
+    if not grammatical(text):
+        return False
+    words = simple_tokenize(text)
+    for template in _templates():
+        m = template.fullmatch(words)
+        if m is None:
+            continue
+        names = [n for n in "abc" if m.groupdict().get(f"{n}_colour")]
+        named = {}
+        for n in names:
+            size = _SIZE_OF.get(m[f"{n}_first"].split()[0])
+            fits = [sh for sh in scene.shapes if sh.colour == m[f"{n}_colour"]
+                    and sh.shape == _SHAPE_CLASS[m[f"{n}_shape"]] and size in (None, sh.size)]
+            if len(fits) == 1:  # (colour, shape) pairs are unique within a scene
+                named[n] = fits[0]
+        if len(named) != len(names) or len(set(named.values())) != len(scene.shapes):
+            continue
+        if m.groupdict().get("rel") and not _holds(_RELATION_OF[m["rel"]], named["a"], named["b"]):
+            continue
+        where = m.groupdict().get("pos")
+        if where and position(named["a"]) != where:
+            continue
+        background = m.groupdict().get("background")
+        if background and background != scene.background:
+            continue
+        return True
+    return False
+
+
+def scene_from_json(d: dict) -> Scene:
+    """The `Scene` of a demo image's "scene" entry (the inverse of `_scene_json`, up to its rounding)."""
+    return Scene(d["background"], tuple(Shape(s["colour"], s["shape"], s["size"], s["x"], s["y"])
+                                        for s in d["shapes"]))
+
+
+def split_scenes(splits_json, split: str) -> list[Scene] | None:
+    """The scenes of a split of a demo set's normalised split file, in record order; None when its
+    records carry no scenes (any set but the demo's)."""
+    records = read_json(splits_json)["splits"][split]
+    if not records or not all("scene" in r for r in records):
+        return None
+    return [scene_from_json(r["scene"]) for r in records]
 
 
 def grammar_of(splits_json):

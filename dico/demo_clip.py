@@ -128,11 +128,12 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
                     hard_negative_fn: Callable[[str, random.Random], str | None] | None = None,
                     log=print, eval_records=None, weight_decay: float = 0.1,
                     warmup: int | None = None, text_vocab=(), extra_pairs=(), init_state: dict | None = None,
-                    temperature_lr_scale: float = 1.0) -> dict:
+                    temperature_lr_scale: float = 1.0, scenes=None, eval_scenes=None) -> dict:
     """Contrastive training of a tiny CLIP on (image, one random caption of its refs) pairs: the
     `records` (the demo's train split) and `extra_pairs` ((PIL image, captions) kept in memory:
     `dico.demo.pretraining_pairs`), from random weights or from `init_state` (the state dict of a
-    trained stand-in: PAC-S is CLIP fine-tuned, so `pac` starts from `clip`).
+    trained stand-in: PAC-S is CLIP fine-tuned, so `pac` starts from `clip`). `scenes` / `eval_scenes`:
+    the `dico.demo.Scene`s of `records` / `eval_records`, for `retrieval` by truth (None: by text).
 
     Loss: symmetric InfoNCE with a learnable temperature (CLIP):
         L = ½·CE(s·I Tᵀ, diag) + ½·CE(s·T Iᵀ, diag),  s = exp(logit_scale) ≤ 100.
@@ -224,29 +225,49 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     stats = {"steps": steps, "temperature_lr_scale": temperature_lr_scale, "n_images": n, "n_pretraining_images": len(extra_pairs), "batch_size": bsz, "first_loss": first_loss,
              "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
              "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
-             "train": retrieval(ev, images[:512], captions[:512]),
+             "train": retrieval(ev, images[:512], captions[:512], _first(scenes, min(512, n))),
              "n_params": sum(p.numel() for p in model.parameters()),
              "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
     if eval_records:
         eval_images = preprocess_all([load_image(r.path, "val") for r in eval_records], size)
         eval_captions = [list(r.captions) for r in eval_records]
-        stats["val"] = retrieval(ev, eval_images, eval_captions)
+        stats["val"] = retrieval(ev, eval_images, eval_captions, eval_scenes)
         stats["swap_test"] = swap_test(ev, eval_images, eval_captions)
     log(f"tiny CLIP done: {stats}")
     return stats
 
 
-def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:
+def _first(scenes, k: int):
+    """The first k scenes, or None when there are fewer (the rest of the images are in-memory pairs)."""
+    return scenes[:k] if scenes is not None and len(scenes) >= k else None
+
+
+def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]], scenes=None) -> dict:
     """R@1 both ways over a set's images and all their captions: i2t_r1 = share of images whose top
-    caption is one of their own, t2i_r1 = share of captions whose top image is one they describe. Hits
-    compare *texts*: generated data repeats captions across images ("a red circle"), and any image a
-    caption belongs to is a right answer for it."""
+    caption is true of them, t2i_r1 = share of captions whose top image they are true of.
+
+    Generated data repeats itself: two val scenes may each hold one big red circle, on white and on
+    grey, and "there is a big red circle" is then true of both. With the images' `scenes`
+    (`dico.demo.Scene`), a hit is a caption the scene makes true (`dico.demo.describes`); without,
+    one of the image's own caption texts (then a caption true of another image counts as a miss unless
+    that image's references hold the same text). Both are returned: "i2t_r1" / "t2i_r1" by truth
+    when scenes are given, "i2t_r1_refs" / "t2i_r1_refs" by reference text always."""
+    from .demo import describes
+
     flat = [c for caps in captions for c in caps]
     sims = ev.embed_images(pixels) @ ev.embed_texts(flat).T     # [images, captions]
-    i2t = sum(flat[t] in caps for t, caps in zip(sims.argmax(1).tolist(), captions))
-    t2i = sum(text in captions[i] for text, i in zip(flat, sims.argmax(0).tolist()))
-    return {"i2t_r1": i2t / max(1, len(captions)), "t2i_r1": t2i / max(1, len(flat)),
-            "images": len(captions), "captions": len(flat)}
+    top_text, top_image = sims.argmax(1).tolist(), sims.argmax(0).tolist()
+    n_img, n_txt = max(1, len(captions)), max(1, len(flat))
+    out = {"i2t_r1_refs": sum(flat[t] in caps for t, caps in zip(top_text, captions)) / n_img,
+           "t2i_r1_refs": sum(text in captions[i] for text, i in zip(flat, top_image)) / n_txt}
+    if scenes is None:
+        out.update(i2t_r1=out["i2t_r1_refs"], t2i_r1=out["t2i_r1_refs"], hits="reference texts")
+    else:
+        out.update(i2t_r1=sum(describes(flat[t], sc) for t, sc in zip(top_text, scenes)) / n_img,
+                   t2i_r1=sum(describes(text, scenes[i]) for text, i in zip(flat, top_image)) / n_txt,
+                   hits="captions true of the scene")
+    return {"i2t_r1": out.pop("i2t_r1"), "t2i_r1": out.pop("t2i_r1"), **out, "images": len(captions),
+            "captions": len(flat)}
 
 
 def swap_test(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:

@@ -84,6 +84,22 @@ def test_normalise_karpathy_merges_restval(demo_dir, tmp_path):
     assert len(train[0].captions) == 3 and train[0].path.exists()
 
 
+def test_demo_scenes_survive_normalisation(demo_dir, tmp_path):
+    """The split file keeps each demo image's scene (what the stand-ins' retrieval checks captions
+    against); a file without scenes (COCO's) gives None."""
+    data = json.loads((demo_dir / "dataset_demo.json").read_text())
+    normalise_karpathy(demo_dir / "dataset_demo.json", demo_dir / "images", tmp_path / "splits.json")
+    val = [im for im in data["images"] if im["split"] == "val"]
+    scenes = demo.split_scenes(tmp_path / "splits.json", "val")
+    assert [demo._scene_json(sc) for sc in scenes] == [im["scene"] for im in val]
+    assert all(demo.describes(s["raw"], sc) for im, sc in zip(val, scenes) for s in im["sentences"])
+    for im in data["images"]:
+        del im["scene"]
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    normalise_karpathy(tmp_path / "coco.json", demo_dir / "images", tmp_path / "coco_splits.json")
+    assert demo.split_scenes(tmp_path / "coco_splits.json", "val") is None
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d["images"][2].pop("filename"), r"images\[2\]: missing key 'filename'"),
     (lambda d: d["images"][1].update(split="holdout"), r"images\[1\]: unknown split 'holdout'"),

@@ -12,12 +12,16 @@ from dico.demo import grammatical
 from dico.metrics import NO_GRAMMAR, diversity
 
 
-def _one_shape_language(colours, backgrounds) -> set[str]:
-    """Every caption `demo.caption` can write of a one-shape scene, enumerated by brute force."""
-    sizes = [""] + [w + " " for ws in demo.SIZE_WORDS.values() for w in ws]
-    positions = ["the center", "the left", "the right", "the top", "the bottom",
-                 *(f"the {r} {c}" for r in ("top", "bottom") for c in ("left", "right"))]
-    bare = {f"{s}{c} {w}" for s in sizes for c in colours for ws in demo.SHAPE_WORDS.values() for w in ws}
+POSITIONS = ("the center", "the left", "the right", "the top", "the bottom",
+             *(f"the {r} {c}" for r in ("top", "bottom") for c in ("left", "right")))
+
+
+def _one_shape_language(colours, backgrounds, sizes=tuple(demo.SIZE_WORDS), shapes=tuple(demo.SHAPE_WORDS),
+                        positions=POSITIONS) -> set[str]:
+    """Every caption `demo.caption` can write of a one-shape scene, enumerated by brute force; with
+    one colour, background, size, shape and position: the captions of that one scene."""
+    sizes = [""] + [w + " " for s in sizes for w in demo.SIZE_WORDS[s]]
+    bare = {f"{s}{c} {w}" for s in sizes for c in colours for shape in shapes for w in demo.SHAPE_WORDS[shape]}
     article = {("an " if p[0] in "aeiou" else "a ") + p for p in bare}
     texts = set(article)
     texts |= {f"a picture of {p}" for p in article} | {f"there is {p}" for p in article}
@@ -165,3 +169,107 @@ def test_pretraining_pairs_are_demo_scenes_read_back_from_jpeg():
         buf = io.BytesIO()
         render(scene, 48).save(buf, format="JPEG", quality=90)
         assert image.size == (48, 48) and np.array_equal(np.asarray(image), np.asarray(Image.open(buf).convert("RGB")))
+
+
+# -- describes: which scenes a caption is true of (the stand-ins' retrieval hits) -------------------
+def _language_of(scene) -> set[str]:
+    (sh,) = scene.shapes
+    return _one_shape_language([sh.colour], [scene.background], [sh.size], [sh.shape], [demo.position(sh)])
+
+
+def test_describes_one_shape_scenes_as_their_brute_force_languages():
+    """Scenes that share colour and shape but differ in size, background or cell: a caption is true of
+    exactly the scenes whose written-out language holds it."""
+    from dico.demo import Scene, Shape, describes
+
+    cells = [(0.5, 0.5), (1 / 6, 5 / 6), (5 / 6, 0.5)]
+    scenes = [Scene(bg, (Shape(c, shape, size, x, y),)) for c in ("red", "orange") for shape in ("circle", "diamond")
+              for size in demo.SIZES for bg in ("white", "black") for x, y in cells]
+    languages = [_language_of(sc) for sc in scenes]
+    rng = random.Random(4)
+    pool = sorted({t for lang in languages for t in rng.sample(sorted(lang), 25)})
+    shared = 0
+    for scene, language in zip(scenes, languages):
+        for text in pool:
+            assert describes(text, scene) == (text in language), (text, scene)
+        shared += sum(text in language for text in pool)
+    assert shared > 2 * len(pool)  # captions true of several scenes are what the test is about
+
+
+def _rejittered(scene, rng):
+    """The scene with every shape drawn again in its cell (new jitter, as `random_scene` draws it)."""
+    from dataclasses import replace
+
+    def again(v):
+        return (min(int(v * 3), 2) + 0.5) / 3 + rng.uniform(-0.04, 0.04)
+    return replace(scene, shapes=tuple(replace(sh, x=again(sh.x), y=again(sh.y)) for sh in scene.shapes))
+
+
+def test_describes_every_caption_the_generator_writes_for_the_same_cells():
+    """Completeness: a caption of the scene, or of the scene with its shapes jittered anew in their cells
+    (on a diagonal placement the jitter picks the relation word), is true of it."""
+    from dico.demo import describes
+
+    rng = random.Random(5)
+    diagonal = 0
+    for _ in range(1500):
+        scene = demo.random_scene(rng)
+        for variant in (scene, _rejittered(scene, rng), _rejittered(scene, rng)):
+            for text in demo.captions(variant, rng, 5):
+                assert describes(text, scene), (text, scene)
+        cells = [demo._cell(sh) for sh in scene.shapes]
+        diagonal += any(abs(a[0] - b[0]) == abs(a[1] - b[1]) for a, b in itertools.combinations(cells, 2))
+    assert diagonal > 100
+
+
+def _scene(background, *shapes):
+    """Shapes as (colour, shape, size, column, row) on the 3 x 3 grid, at their cells' centres."""
+    from dico.demo import Scene, Shape
+
+    return Scene(background, tuple(Shape(c, s, z, (col + 0.5) / 3, (row + 0.5) / 3) for c, s, z, col, row in shapes))
+
+
+RED_LEFT = _scene("white", ("red", "circle", "large", 0, 1), ("blue", "square", "small", 2, 1))
+DIAGONAL = _scene("grey", ("red", "circle", "large", 0, 0), ("blue", "square", "small", 1, 1))
+THREE = _scene("black", ("red", "circle", "large", 0, 0), ("blue", "square", "small", 2, 0),
+               ("green", "triangle", "large", 1, 2))
+
+
+@pytest.mark.parametrize("text,scene,true", [
+    ("a big red disk to the left of a little blue box", RED_LEFT, True),
+    ("a small blue block right of a red circle on a white background", RED_LEFT, True),
+    ("a red circle next to a blue square", RED_LEFT, True),           # "next to" holds of any pair
+    ("two shapes: a blue square and a red circle", RED_LEFT, True),
+    ("a red circle right of a blue square", RED_LEFT, False),         # the relation reversed
+    ("a red circle above a blue square", RED_LEFT, False),            # the other axis, not diagonal
+    ("a blue circle left of a red square", RED_LEFT, False),          # the colours bound the other way
+    ("a small red circle left of a blue square", RED_LEFT, False),    # a size wrong
+    ("a red circle left of a blue square on a black background", RED_LEFT, False),
+    ("a red circle", RED_LEFT, False),                                # a shape left out
+    ("a red circle left of a blue square and a green triangle", RED_LEFT, False),  # one too many
+    ("a red circle above a blue square", DIAGONAL, True),             # a diagonal: both axes' words
+    ("a red circle left of a blue square", DIAGONAL, True),
+    ("a blue square below a red circle", DIAGONAL, True),
+    ("a red circle below a blue square", DIAGONAL, False),
+    ("a red circle left of a blue square and a green triangle", THREE, True),
+    ("a green triangle below a red circle, with a blue square", THREE, True),   # one row down, one across
+    ("a green triangle left of a red circle, with a blue square", THREE, False),
+    ("a red circle, a blue square and a large green triangle against a black background", THREE, True),
+    ("a red circle, a blue square and a small green triangle", THREE, False),
+    ("a red red circle, a blue square and a green triangle", THREE, False),     # not a caption at all
+])
+def test_describes_by_hand(text, scene, true):
+    from dico.demo import describes
+
+    assert describes(text, scene) is true
+
+
+def test_describes_position_and_a_single_shape():
+    from dico.demo import describes
+
+    corner = _scene("grey", ("yellow", "diamond", "small", 2, 2))
+    assert describes("an image with a yellow rhombus in the bottom right", corner)
+    assert describes("a single small yellow diamond on a grey background", corner)
+    assert not describes("a yellow diamond in the center", corner)
+    assert not describes("a single large yellow diamond", corner)
+    assert not describes("there is a yellow triangle", corner)

@@ -449,7 +449,37 @@ def test_retrieval_r1_both_ways_against_a_loop():
     sims = imgs @ txts.T
     i2t = sum(flat[max(range(6), key=lambda j: sims[i, j])] in captions[i] for i in range(3)) / 3
     t2i = sum(flat[j] in captions[max(range(3), key=lambda i: sims[i, j])] for j in range(6)) / 6
-    assert (got["i2t_r1"], got["t2i_r1"]) == (i2t, t2i)
+    assert (got["i2t_r1"], got["t2i_r1"]) == (i2t, t2i) == (got["i2t_r1_refs"], got["t2i_r1_refs"])
+    assert got["hits"] == "reference texts"
+
+
+def test_retrieval_counts_a_caption_true_of_another_scene_as_a_hit():
+    """Two scenes of one big red circle (on white, on grey): "there is a big red circle" (scene 0's) is
+    true of both, so retrieving scene 1 is a hit by truth (`demo.describes`) and a miss by reference text;
+    "a red square" retrieving scene 0 is a miss either way."""
+    from dico.demo import Scene, Shape
+    from dico.demo_clip import retrieval
+
+    class Fixed:
+        def embed_images(self, pixels):
+            return torch.eye(3)
+
+        def embed_texts(self, texts):  # each text's most similar image, by hand
+            return torch.eye(3)[[1, 0, 1, 0, 2, 2]]
+
+    red = Shape("red", "circle", "large", 0.5, 0.5)
+    scenes = [Scene("white", (red,)), Scene("grey", (red,)), Scene("white", (Shape("red", "square", "small", 0.5, 0.5),))]
+    captions = [["there is a big red circle", "a red circle on a white background"],
+                ["a single red circle against a grey background", "a red square"],
+                ["a small red box", "a red square in the center"]]
+    by_text = retrieval(Fixed(), None, captions)
+    by_truth = retrieval(Fixed(), None, captions, scenes)
+    # texts -> images 1, 0, 1, 0, 2, 2: scene 0's first caption lands on scene 1 (true of it), its
+    # second on scene 0; scene 1's first on 1, "a red square" on 0 (wrong); scene 2's two on 2
+    assert by_text["t2i_r1"] == 4 / 6 and by_truth["t2i_r1"] == 5 / 6
+    assert by_truth["t2i_r1_refs"] == by_text["t2i_r1"] and by_truth["hits"] == "captions true of the scene"
+    # images -> their top text: image 0 -> text 1 (its own), 1 -> text 0 (true of it), 2 -> text 4
+    assert by_text["i2t_r1"] == 2 / 3 and by_truth["i2t_r1"] == 1.0
 
 
 def test_preprocess_all_is_clip_preprocess_bit_for_bit():
