@@ -261,10 +261,10 @@ def _templates() -> list:
     return _grammar()
 
 
-def grammatical(text: str) -> bool:
-    """Whether the demo's caption templates (`caption`) can produce `text` (compared after
-    `simple_tokenize`), with any colour, background and scene: articles agree ("an orange", "a red"),
-    and the shapes of one caption differ in colour or shape, as `random_scene` draws them."""
+def _parses(text: str):
+    """(match, names of its noun phrases) per caption template `text` fits as a caption the templates
+    can write: articles agree ("an orange", "a red") and the shapes named differ in colour or shape,
+    as `random_scene` draws them. Compared after `simple_tokenize`."""
     from .cider import simple_tokenize
 
     words = simple_tokenize(text)
@@ -277,8 +277,14 @@ def grammatical(text: str) -> bool:
             continue
         shapes = [(m[f"{n}_colour"], _SHAPE_CLASS[m[f"{n}_shape"]]) for n in names]
         if len(set(shapes)) == len(shapes):
-            return True
-    return False
+            yield m, names
+
+
+def grammatical(text: str) -> bool:
+    """Whether the demo's caption templates (`caption`) can produce `text` (compared after
+    `simple_tokenize`), with any colour, background and scene: articles agree ("an orange", "a red"),
+    and the shapes of one caption differ in colour or shape, as `random_scene` draws them."""
+    return next(_parses(text), None) is not None
 
 
 # -- truth: which scenes a caption describes --------------------------------------------------
@@ -302,16 +308,7 @@ def describes(text: str, scene: Scene) -> bool:
     the scene, except that on a diagonal placement either axis's relation word holds (`_holds`).
     Generated scenes repeat ("a big red circle" alone on white and alone on grey), so a caption is
     often true of other scenes than its own: what the stand-ins' retrieval counts as a hit."""
-    from .cider import simple_tokenize
-
-    if not grammatical(text):
-        return False
-    words = simple_tokenize(text)
-    for template in _templates():
-        m = template.fullmatch(words)
-        if m is None:
-            continue
-        names = [n for n in "abc" if m.groupdict().get(f"{n}_colour")]
+    for m, names in _parses(text):
         named = {}
         for n in names:
             size = _SIZE_OF.get(m[f"{n}_first"].split()[0])
