@@ -258,16 +258,16 @@ def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]], sc
     sims = ev.embed_images(pixels) @ ev.embed_texts(flat).T     # [images, captions]
     top_text, top_image = sims.argmax(1).tolist(), sims.argmax(0).tolist()
     n_img, n_txt = max(1, len(captions)), max(1, len(flat))
-    out = {"i2t_r1_refs": sum(flat[t] in caps for t, caps in zip(top_text, captions)) / n_img,
-           "t2i_r1_refs": sum(text in captions[i] for text, i in zip(flat, top_image)) / n_txt}
+    i2t_refs = sum(flat[t] in caps for t, caps in zip(top_text, captions)) / n_img
+    t2i_refs = sum(text in captions[i] for text, i in zip(flat, top_image)) / n_txt
     if scenes is None:
-        out.update(i2t_r1=out["i2t_r1_refs"], t2i_r1=out["t2i_r1_refs"], hits="reference texts")
+        i2t, t2i, hits = i2t_refs, t2i_refs, "reference texts"
     else:
-        out.update(i2t_r1=sum(describes(flat[t], sc) for t, sc in zip(top_text, scenes)) / n_img,
-                   t2i_r1=sum(describes(text, scenes[i]) for text, i in zip(flat, top_image)) / n_txt,
-                   hits="captions true of the scene")
-    return {"i2t_r1": out.pop("i2t_r1"), "t2i_r1": out.pop("t2i_r1"), **out, "images": len(captions),
-            "captions": len(flat)}
+        i2t = sum(describes(flat[t], sc) for t, sc in zip(top_text, scenes)) / n_img
+        t2i = sum(describes(text, scenes[i]) for text, i in zip(flat, top_image)) / n_txt
+        hits = "captions true of the scene"
+    return {"i2t_r1": i2t, "t2i_r1": t2i, "i2t_r1_refs": i2t_refs, "t2i_r1_refs": t2i_refs, "hits": hits,
+            "images": len(captions), "captions": len(flat)}
 
 
 def swap_test(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:
