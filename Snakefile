@@ -19,11 +19,12 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/download.smk"  # after evaluate.smk: it reuses generate/evaluate
+include: "workflow/rules/official.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -1,4 +1,4 @@
-"""Speed of dico.cider against pycocoevalcap, both timed in this process on the same synthetic captions.
+"""Speed of dico.metrics.cider against pycocoevalcap, both timed in this process on the same synthetic captions.
 
     python bench/cider_bench.py          # full: 5,000 test images; a 113,287-image training corpus (Karpathy train)
     python bench/cider_bench.py --quick  # small sizes, for CI
@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dico.cider import CiderD, cider_d  # noqa: E402
+from dico.metrics.cider import cider_d, CiderD  # noqa: E402
 
 
 class CaptionGenerator:
@@ -69,7 +69,7 @@ def _medians(baseline, ours, repeats: int) -> tuple[float, float]:
 
 
 def bench_cider(quick: bool, n_images: int | None = None, repeats: int | None = None) -> str:
-    """From scratch on a test set: pycocoevalcap Cider().compute_score vs dico.cider.cider_d."""
+    """From scratch on a test set: pycocoevalcap Cider().compute_score vs dico.metrics.cider.cider_d."""
     from pycocoevalcap.cider.cider import Cider
 
     n_images = n_images or (1000 if quick else 5000)

@@ -111,8 +111,8 @@ def paper_captioner(vocab: int = 10_000, feat_dim: int = 1024, seed: int = 0, no
 def tiny_evaluator(image_size: int = 32, patch_size: int = 8, vision_width: int = 64, vision_layers: int = 1,
                    context_length: int = 77, seed: int = 0):
     """A random tiny open_clip CLIP wrapped as dico's Evaluator (text tower 2 x 64, CLIP's 77 tokens)."""
-    from dico.demo_clip import build_tiny_clip, tiny_clip_config
-    from dico.evaluator import Evaluator
+    from dico.demo.clip import build_tiny_clip, tiny_clip_config
+    from dico.clip_model import Evaluator
 
     cfg = tiny_clip_config(embed_dim=64, image_size=image_size, patch_size=patch_size, vision_width=vision_width,
                            vision_layers=vision_layers, text_width=64, text_layers=2, context_length=context_length)

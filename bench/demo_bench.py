@@ -1,5 +1,5 @@
 """The demo's tiny CLIP training step: the plain loop (AdamW over CLIP's whole 49,408-row token
-table, the text tower over the full 32-token context) against dico.demo_clip's (a CompactTokenTable of
+table, the text tower over the full 32-token context) against dico.demo.clip's (a CompactTokenTable of
 the ids the captions use, the text tower on caption prefixes, in one prefix for the batch or in
 demo_clip.TEXT_BUCKETS length groups). All compute the same model (tests/test_evaluator.py); this
 measures what the shortcuts save at the demo's shapes."""
@@ -22,8 +22,8 @@ def _demo_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _step_fn(fast: bool, images, tokens, cfg, seed: int = 0, buckets: int = 1):
-    from dico.demo_clip import CompactTokenTable, build_tiny_clip, clip_optimizer, contrastive_loss
-    from dico.evaluator import encode_text_prefix
+    from dico.demo.clip import build_tiny_clip, clip_optimizer, CompactTokenTable, contrastive_loss
+    from dico.clip_model import encode_text_prefix
 
     model = build_tiny_clip(cfg, seed).train()
     table = CompactTokenTable(model.token_embedding, tokens.flatten()) if fast else None
@@ -47,8 +47,8 @@ def bench_demo_clip_step(quick: bool) -> str:
     """One step at config/config.yaml's demo sizes: 128 images of 48 px (patch 16), 128 captions +
     128 hard negatives (the `pac` stand-in's batch), ViT and text tower width 64 x 2 layers, 32-token
     context."""
-    from dico.demo_clip import TEXT_BUCKETS, tiny_clip_config
-    from dico.evaluator import tokenize
+    from dico.demo.clip import TEXT_BUCKETS, tiny_clip_config
+    from dico.clip_model import tokenize
 
     cfg = tiny_clip_config(embed_dim=64, image_size=48, patch_size=16, vision_width=64, vision_layers=2,
                            text_width=64, text_layers=2, context_length=32)
@@ -64,4 +64,4 @@ def bench_demo_clip_step(quick: bool) -> str:
                        for name in variants if name != "plain")
     return (f"demo_clip_step: tiny CLIP step (128 images + 256 texts, {len(torch.unique(tokens))} of 49,408 token "
             f"ids, captions fill {mean:.1f} (longest {used}) of 32 positions), plain {times['plain'] * 1e3:.0f} ms; "
-            f"dico.demo_clip: {ratios} (TEXT_BUCKETS = {TEXT_BUCKETS})")
+            f"dico.demo.clip: {ratios} (TEXT_BUCKETS = {TEXT_BUCKETS})")

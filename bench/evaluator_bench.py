@@ -24,7 +24,7 @@ VIT_B32 = dict(embed_dim=512, image_size=224, patch_size=32, vision_width=768, v
 
 
 def _b32(seed: int = 0):
-    from dico.demo_clip import build_tiny_clip, tiny_clip_config
+    from dico.demo.clip import build_tiny_clip, tiny_clip_config
 
     return build_tiny_clip(tiny_clip_config(**VIT_B32), seed).eval()
 
@@ -37,7 +37,8 @@ def _captions(n: int, seed: int = 0) -> list[str]:
 
 
 def bench_text_embed(quick: bool) -> str:
-    from dico.evaluator import Evaluator, PACS_PREFIX, tokenize
+    from dico.clip_model import Evaluator, tokenize
+    from dico.metrics.clipscore import PACS_PREFIX
 
     model = _b32()
     ev = Evaluator(model)
@@ -58,7 +59,7 @@ def bench_text_embed(quick: bool) -> str:
 def bench_load_evaluator(quick: bool) -> str:
     from open_clip.model import build_model_from_openai_state_dict
 
-    from dico.evaluator import load_evaluator
+    from dico.clip_weights import load_evaluator
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ViT-B-32-fp16.pt"

@@ -4,7 +4,7 @@ COCO-like 640x480 JPEGs (bench/images.py) are written to a temporary directory. 
 random open_clip ViT (224 px, patch 32, 2 layers x 128 wide: 50 grid tokens), so that on 2 CPU cores,
 as on a GPU with ViT-L/14, decoding the JPEGs costs more than the model and the pipeline decides the
 throughput.
-- loop: for each image, dico.data.load_image -> evaluator.preprocess -> grid_features on a batch of 1,
+- loop: for each image, dico.images.load_image -> evaluator.preprocess -> grid_features on a batch of 1,
   features to fp16, one np.save at the end (the naive script);
 - cache_features: the library call the `cache_features` rule makes (DataLoader workers decode and
   preprocess while the main process runs the model on large batches; fp16 .npy shard; index.json);
@@ -49,7 +49,7 @@ def _feature_model():
 class FeatureBench:
     def __init__(self, n_images: int, batch_size: int = 16, workers: int = 2):
         from dico.data import ImageRecord
-        from dico.evaluator import save_evaluator
+        from dico.clip_weights import save_evaluator
 
         self.tmp = Path(tempfile.mkdtemp(prefix="dico-bench-features-"))
         self.paths = images.write_jpegs(self.tmp / "jpg", n_images, seed=0)
@@ -63,7 +63,7 @@ class FeatureBench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def loop(self) -> np.ndarray:
-        from dico.data import load_image
+        from dico.images import load_image
 
         out = []
         with torch.no_grad():
@@ -122,8 +122,8 @@ def bench_features(quick: bool, n_images: int | None = None, repeats: int | None
 
 def bench_jpeg_draft(quick: bool, n_images: int | None = None, repeats: int | None = None) -> str:
     """Decode + CLIP preprocess (to a normalised tensor) per image, one process: draft vs full decode."""
-    from dico.data import load_image
-    from dico.evaluator import clip_preprocess
+    from dico.images import load_image
+    from dico.clip_model import clip_preprocess
 
     n = n_images or (24 if quick else 64)
     repeats = repeats or (3 if quick else 5)
@@ -138,7 +138,7 @@ def bench_jpeg_draft(quick: bool, n_images: int | None = None, repeats: int | No
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (f"jpeg_draft: decode + CLIP preprocess (bicubic 224, crop, normalise) of {n} COCO-like 640x480 JPEGs in "
-            f"one process, dico.data.load_image(draft_size=224) (PIL draft: DCT-domain decode at 320x240) vs full "
+            f"one process, dico.images.load_image(draft_size=224) (PIL draft: DCT-domain decode at 320x240) vs full "
             f"decode, both + clip_preprocess: {t['draft'] / n * 1e3:.2f} vs {t['full'] / n * 1e3:.2f} ms/img, "
             f"pixels differ by {err_mean:.2f}/255 mean ({err_max:.0f} max); median of {repeats} "
             f"{t['full'] / t['draft']:.1f}x")

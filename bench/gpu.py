@@ -14,7 +14,7 @@ Random weights throughout (open_clip `pretrained=None`): speed does not depend o
 
 Sections of --all, at the paper's shapes (ViT-L/14 257 x 1024 features, CLIP's 49,409-token
 vocabulary, the d=512 3 + 3-layer captioner, beam 5 x length 30, k = 5):
-vit    ViT-L/14 grid features (dico.evaluator.Evaluator.grid_features) on pixels already on the GPU:
+vit    ViT-L/14 grid features (dico.clip_model.Evaluator.grid_features) on pixels already on the GPU:
        fp32 weights under fp16 / bf16 autocast (what dico.features does per features.amp), bf16 weights,
        fp16 weights; img/s
        and the share of the card's dense bf16 peak (162 GFLOP per image).
@@ -159,7 +159,7 @@ class Bench:
 
     def evaluator(self, name: str):
         """A random-weight open_clip model as dico's Evaluator, created on the device."""
-        from dico.evaluator import Evaluator
+        from dico.clip_model import Evaluator
 
         if name == "tiny":
             return common.tiny_evaluator(image_size=self.sz.image_size, **TINY_VIT).to(self.dev)
@@ -513,7 +513,7 @@ def prepare_world(root: Path, sz: Sizes, device: str, amp: str = "auto") -> None
     (root / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
     ckpts = {name: root / f"{name}.pt" for name in ("clip_l14", "clip", "pac")}
     if sz.vit == "tiny":
-        from dico.evaluator import save_evaluator
+        from dico.clip_weights import save_evaluator
 
         for seed, (name, path) in enumerate(ckpts.items()):
             save_evaluator(common.tiny_evaluator(image_size=sz.image_size, seed=seed, **TINY_VIT), path)

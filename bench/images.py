@@ -7,7 +7,7 @@ are ~100-200 KB like COCO's (mean ~160 KB) and decode at the same speed per pixe
 
 Decode paths (all end as CLIP's test transform: bicubic resize of the short side to `size`, centre
 crop, RGB):
-- `load_full`:  decode at full size, then resize (what dico.data.load_image + clip_preprocess do);
+- `load_full`:  decode at full size, then resize (what dico.images.load_image + clip_preprocess do);
 - `load_draft`: PIL `Image.draft('RGB', (size, size))` first: libjpeg decodes at 1/2, 1/4 or 1/8
   scale in the DCT domain (the largest reduction that keeps both sides >= size), so a 640x480 COCO
   image is decoded at 320x240 (a quarter of the pixels) and the bicubic resize has 4x less input.

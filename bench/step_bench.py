@@ -1,6 +1,6 @@
 """One DiCO fine-tuning step, phase by phase, as dico.train.train_finetune runs it.
 
-The step (dico/train.py, `train_finetune.step`) with the same library calls:
+The step (dico/train.py, `FinetuneStep`) with the same library calls:
   gen      - beam_search(policy, policy.encode(feats), k, max_len) under no_grad, policy in eval mode;
   reward   - ClipReward on the B*k candidates' ids (a tiny random open_clip CLIP as
              the evaluator: text tower 2 layers x 64, 77 tokens; cached random image embeddings);

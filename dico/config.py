@@ -20,6 +20,9 @@ from typing import Any
 
 import yaml
 
+from . import layout
+from .eval_sets import check_eval_sets
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 ABLATABLE = ("beta", "tau", "k", "reward")
@@ -66,6 +69,10 @@ def validate(config: dict, source: str = "config") -> dict:
     if config["evaluate"]["datasets"] is None:  # null switches the sets of an underlying config file off
         config["evaluate"]["datasets"] = {}
     _check_references(config, source)
+    try:
+        check_eval_sets(config)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return config
 
 
@@ -265,6 +272,15 @@ def clip_models_of(spec: dict) -> list[str]:
 
 
 # -- what each step needs (passed to `dico <step> --spec-json` by the Snakefile) -----------------
+def karpathy_file(config: dict) -> str:
+    """The Karpathy-format file of the captioner's data: generated for the demo, dataset_coco.json for COCO."""
+    return layout.demo_karpathy() if config["data"]["source"] == "demo" else config["data"]["karpathy_json"]
+
+
+def image_root(config: dict) -> str:
+    return layout.demo_images() if config["data"]["source"] == "demo" else config["data"]["image_root"]
+
+
 def demo_spec(config: dict) -> dict:
     return dict(config["data"]["demo"])
 
@@ -275,7 +291,23 @@ def clip_model_spec(config: dict, name: str) -> dict:
     spec = {"name": name, "device": config["device"], **config["clip_models"][name]}
     if spec["source"] == "demo":
         spec["image_size"] = config["data"]["demo"]["image_size"]
-        spec["path"] = f"results/clip_models/{name}.pt"
+        spec["path"] = layout.clip_model(name)  # trained by the pipeline
+    return spec
+
+
+def eval_set_spec(config: dict, name: str) -> dict:
+    """What prepare-splits needs to build evaluation set `name` of a validated config (what changes the
+    split file's content, and nothing else: its table label and the fetch settings are left out)."""
+    sets = config["evaluate"]["datasets"]
+    if name not in sets:
+        raise KeyError(f"{name!r} is not an evaluate.datasets entry (have: {', '.join(sets) or 'none'})")
+    entry = sets[name]
+    spec = {"name": name, **{k: v for k, v in entry.items() if k not in ("label", "url", "sha256", "member")}}
+    if entry["format"] == "demo":
+        spec["demo"] = {**entry["demo"], "image_size": config["data"]["demo"]["image_size"],
+                        "refs_per_image": config["data"]["demo"]["refs_per_image"]}
+    else:
+        spec.pop("demo", None)
     return spec
 
 
@@ -293,6 +325,50 @@ def evaluate_spec(config: dict) -> dict:
     return {"device": config["device"], "meteor": ev["meteor"], "spice_jar_dir": ev["spice_jar_dir"],
             "clip_s": ev["clip_s"], "pac_s": ev["pac_s"],
             "clip_models": {n: clip_model_spec(config, n) for n in models}}
+
+
+def ood_report_spec(config: dict) -> dict:
+    """What table ood needs of a validated config: row order and each evaluation set's title."""
+    return {"scst_rewards": config["scst"]["rewards"],
+            "datasets": {name: {"label": d["label"] or name, "format": d["format"],
+                                **({"variant": d["demo"]["variant"]} if d["format"] == "demo" else {})}
+                         for name, d in config["evaluate"]["datasets"].items()}}
+
+
+# -- downloads (workflow/rules/download.smk) -----------------------------------------------------
+def downloads(config: dict) -> list[dict]:
+    """Every input the config's download rules fetch when it is missing: {"name" (the rule is
+    download_<name>), "out", "folder" (a folder of unpacked images), "kind" (file | zip), "url",
+    "sha256", "options" (--archive, --member, --keep-archive)}. The CLIP weights (one per distinct
+    path: two names may share a checkpoint), COCO's Karpathy file and image zips, and the annotations
+    of the extra evaluation sets that have a url; the released DiCO checkpoint is the official stage's."""
+    dl, out, paths = config["data"]["downloads"], [], set()
+    for name, m in config["clip_models"].items():
+        if m["source"] == "file" and m.get("url") and m["path"] not in paths:
+            out.append(_download(name, m["path"], "file", m["url"], m["sha256"]))
+            paths.add(m["path"])
+    if config["data"]["source"] == "karpathy":
+        k = dl["karpathy"]
+        out.append(_download("karpathy", config["data"]["karpathy_json"], "zip", k["url"], k["sha256"],
+                             archive=f"{dl['archive_dir']}/caption_datasets.zip", member=k["member"],
+                             keep_archive=dl["keep_archives"]))
+        for part, z in dl["coco_images"].items():
+            out.append(_download(f"coco_{part}", f"{config['data']['image_root']}/{part}", "zip", z["url"], z["sha256"],
+                                 folder=True, archive=f"{dl['archive_dir']}/{part}.zip", keep_archive=dl["keep_archives"]))
+    for name, d in config["evaluate"]["datasets"].items():
+        if d["format"] == "demo" or not d["url"]:
+            continue
+        # a zip entry (Flickr30k / Flickr8k: Karpathy's caption_datasets.zip) gets an archive of its own, so
+        # that it never shares a .part file with download_karpathy
+        options = (dict(archive=f"{dl['archive_dir']}/ood_{name}.zip", member=d["member"], keep_archive=dl["keep_archives"])
+                   if d["member"] else {})
+        out.append(_download(f"ood_{name}", d["annotations"], "zip" if d["member"] else "file", d["url"], d["sha256"],
+                             **options))
+    return out
+
+
+def _download(name: str, out: str, kind: str, url: str, sha256: str | None, folder: bool = False, **options) -> dict:
+    return {"name": name, "out": out, "folder": folder, "kind": kind, "url": url, "sha256": sha256, "options": options}
 
 
 def report_spec(config: dict) -> dict:

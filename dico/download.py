@@ -19,8 +19,6 @@ How a file arrives, and why:
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import http.client
 import logging
 import os
@@ -34,7 +32,7 @@ from urllib.error import HTTPError
 from urllib.parse import urlencode, urljoin
 from urllib.request import HTTPCookieProcessor, Request, build_opener
 
-from .io import atomic_path
+from .io import atomic_path, sha256_file
 
 log = logging.getLogger("dico")
 
@@ -57,14 +55,6 @@ class _Retry(Exception):
 
 
 # -- sha256 ----------------------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sidecar(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".sha256")
@@ -334,46 +324,32 @@ def fetch_zip(url: str, archive: str | os.PathLike, out: str | os.PathLike, *, m
     return out
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-def _transfer_options(p: argparse.ArgumentParser):
-    p.add_argument("--url", required=True)
-    p.add_argument("--sha256", help="expected sha256 (default: the one recorded at the first download, if any)")
-    p.add_argument("--retries", type=int, default=5, help="extra attempts after a network error or a bad sha256")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
-    p.add_argument("--no-progress", action="store_true")
+# -- the arguments of `dico download` as the download rules pass them ------------------------------
+class Untracked:
+    """A rule param that reaches the shell command but not Snakemake's provenance record (which keeps
+    builtin-typed params only): editing a download's URL, pinning its sha256 or changing retries in
+    the config must not re-download a file that exists, nor rerun everything built from it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self):
+        return self.text
 
 
-def _sha(value: str | None) -> str | None:
-    return None if value in (None, "", "null", "None") else value
+def command_args(url: str, sha256: str | None = None, *, retries: int, timeout: float, **extra) -> Untracked:
+    """`dico download` arguments: source, checks and transfer settings, then `extra` as flags
+    (archive="x.zip" -> --archive x.zip, keep_archive=True -> --keep-archive; None and False leave
+    the flag out)."""
+    import shlex
 
-
-def cmd_file(args):
-    fetch(args.url, args.out, _sha(args.sha256), retries=args.retries, timeout=args.timeout,
-          progress=not args.no_progress, force=args.force)
-
-
-def cmd_zip(args):
-    fetch_zip(args.url, args.archive, args.out, member=args.member, sha256=_sha(args.sha256),
-              keep_archive=args.keep_archive, retries=args.retries, timeout=args.timeout,
-              progress=not args.no_progress)
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add `download file` and `download zip` to the `dico` parser."""
-    parser = subparsers.add_parser("download", help="resumable, sha256-checked downloads (weights, COCO, Karpathy)")
-    sub = parser.add_subparsers(dest="download_kind", required=True, metavar="KIND")
-
-    p = sub.add_parser("file", help="one file (CLIP / PAC-S / DiCO weights)")
-    _transfer_options(p)
-    p.add_argument("--out", required=True, help="where the file goes (nothing is fetched if it exists)")
-    p.add_argument("--force", action="store_true", help="fetch even if --out exists")
-    p.set_defaults(fn=cmd_file)
-
-    p = sub.add_parser("zip", help="a zip archive, unpacked into a folder or reduced to one member")
-    _transfer_options(p)
-    p.add_argument("--archive", required=True, help="where the zip is downloaded to (resumable)")
-    p.add_argument("--out", required=True, help="the folder to unpack into, or the file for --member")
-    p.add_argument("--member", help="extract only the entry with this file name (e.g. dataset_coco.json)")
-    p.add_argument("--keep-archive", action="store_true", help="keep the zip after unpacking")
-    p.set_defaults(fn=cmd_zip)
-    return parser
+    args = [f"--url {shlex.quote(url)}", f"--retries {retries}", f"--timeout {timeout}"]
+    if sha256:
+        args.append(f"--sha256 {shlex.quote(sha256)}")
+    for key, value in extra.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args.append(f"{flag} {shlex.quote(str(value))}")
+    return Untracked(" ".join(args))

@@ -28,32 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageRecord, load_image
 from . import runtime
+from .data import ImageRecord
+from .images import ImageFiles, collate
 from .io import atomic_path, read_json, remove_stale_temporaries, write_json
 
 FORMAT = "dico-features-v1"
 PART_FORMAT = "dico-features-part-v1"
-
-
-class _Images(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader workers, overlapping with the model."""
-
-    def __init__(self, records: list[ImageRecord], preprocess, split: str, skip_broken: bool, size: int,
-                 draft_size: int | None = None):
-        self.records, self.preprocess, self.split = records, preprocess, split
-        self.skip_broken, self.size, self.draft_size = skip_broken, size, draft_size
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        try:
-            return self.preprocess(load_image(self.records[i].path, self.split, self.draft_size)), True, i
-        except (OSError, ValueError):
-            if not self.skip_broken:
-                raise
-            return torch.zeros(3, self.size, self.size), False, i
 
 
 def fingerprint(checkpoint: str | Path, records: list[ImageRecord], shard_size: int, dtype: str) -> str:
@@ -327,14 +308,16 @@ def _compute(evaluator, records, todo, split, shard_size, batch_size, num_worker
     """
     if not todo:
         return
-    ds = _Images(records, evaluator.preprocess, split, skip_broken, evaluator.image_size,
-                 evaluator.image_size if jpeg_draft else None)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=_ShardBatches(todo, batch_size),
+    ds = ImageFiles([r.path for r in records], evaluator.preprocess, evaluator.image_size, split,
+                    evaluator.image_size if jpeg_draft else None)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=_ShardBatches(todo, batch_size), collate_fn=collate,
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
     shard_of = {s: (lo, hi) for s, lo, hi in todo}
     current = None  # (shard, writer context, memmap, ok mask)
     try:
-        for pixels, ok, idx in loader:
+        for pixels, ok, idx, errors in loader:
+            if not (skip_broken or ok.all()):
+                raise next(e for e in errors if e is not None)
             s = int(idx[0]) // shard_size
             lo, hi = shard_of[s]
             pixels = pixels.to(device, non_blocking=True)
@@ -418,5 +401,25 @@ class FeatureStore:
         rows = [self.maps[s][i - self.starts[s]] for s, i in zip(shard, idx)]
         return torch.from_numpy(np.stack(rows).astype(np.float32))
 
+    @property
+    def grid(self) -> dict:
+        """What a captioner trained on these features records of them (`dico.checkpoint`)."""
+        return {"name": self.backbone, "dim": self.dim, "tokens": self.index["tokens"]}
+
     def describe(self) -> str:
         return json.dumps({k: self.index[k] for k in ("backbone", "split", "n_images", "tokens", "dim", "dtype")})
+
+
+def aligned_store(index_json, records: list[ImageRecord], split: str) -> FeatureStore:
+    """The features of a split, checked to be those of `records`, in their order."""
+    store = FeatureStore(index_json)
+    if store.image_ids != [r.image_id for r in records]:
+        raise ValueError(f"{index_json}: features of split {split!r} do not match the split file's images "
+                         "(different data or order); rerun cache_features")
+    return store
+
+
+def usable_rows(store: FeatureStore, records: list[ImageRecord]) -> list[int]:
+    """Rows of the records whose images were read (features.skip_broken_images leaves the others out)."""
+    skipped = set(store.index.get("skipped_images", []))
+    return [i for i, r in enumerate(records) if r.image_id not in skipped]

@@ -1,13 +1,14 @@
-"""Atomic file writes, JSON helpers and provenance.
+"""Atomic file writes, JSON helpers, file hashing, provenance, and the error type of bad user input.
 
 Every file the pipeline writes goes to a temporary name in the same directory and is renamed into
 place (an atomic operation on POSIX), so a killed job never leaves a half-written file that a later
-step would trust (DESIGN.md, "Contracts").
+step would trust (docs/architecture.md, "Contracts").
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -16,6 +17,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+class InputError(ValueError):
+    """Bad input from the user (a file, a flag, a config value): the message names the file or flag,
+    the entry and the fix."""
 
 
 @contextlib.contextmanager
@@ -97,6 +103,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
@@ -155,7 +170,7 @@ def device_description(device: str | None = None) -> str:
 
 def provenance(config: Any, seed: int | None, device: str | None, wall_time_s: float,
                **extra: Any) -> dict:
-    """The provenance block every metrics JSON and table carries (DESIGN.md, "Contracts")."""
+    """The provenance block every metrics JSON and table carries (docs/architecture.md, "Contracts")."""
     import torch
 
     return {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .cider import CiderD, simple_tokenize
+from .metrics.cider import CiderD, simple_tokenize
 from .tokenizer import CLIP_PAD
 
 

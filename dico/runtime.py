@@ -292,6 +292,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def backend(self) -> str:
+        """The process group's backend (nccl, gloo), or "none" without one."""
+        return torch.distributed.get_backend() if self.group else "none"
+
     def setup(self, device: str) -> str:
         """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU) and return this
         rank's device."""

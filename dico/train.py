@@ -15,183 +15,24 @@ Adam at a constant lr. Every row of this is in docs/fidelity.md.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
 from . import runtime
-from .cider import cider_d, simple_tokenize
+from .checkpoint import captioner_payload, check_architecture, check_backbone, load_captioner
 from .data import ImageRecord, load_split
-from .decoding import beam_search
-from .demo import grammar_of
-from .features import FeatureStore
+from .features import FeatureStore, aligned_store, usable_rows
+from .inference import decode_beams
+from .io import atomic_path, write_text
 from .losses import dico_diagnostics, dico_loss, scst_loss
 from .model import Captioner, CaptionerConfig, sequence_logprobs, token_xe_loss
+from .rewards import build_reward
 from .tokenizer import CaptionTokenizer
-
-CHECKPOINT_FORMAT = "dico-captioner-v1"
-
-
-# -- captioner checkpoints ------------------------------------------------------------------------
-def captioner_payload(model: Captioner, tok: CaptionTokenizer, store: FeatureStore, spec: dict,
-                      step: int, val: dict | None) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.cfg), "tokenizer": tok.state_dict(),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "backbone": {"name": store.backbone, "dim": store.dim, "tokens": store.index["tokens"]},
-            "run": spec["run"], "step": step, "val": val, "spec": spec}
-
-
-def load_captioner(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, payload) from a checkpoint written by a training run."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: captioner checkpoint not found") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable captioner checkpoint ({e}); was the job killed "
-                         "while writing it? Delete it and rerun its training rule") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
-    model = Captioner(CaptionerConfig(**payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.to(device).eval(), CaptionTokenizer.from_state_dict(payload["tokenizer"]), payload
-
-
-def check_backbone(payload: dict, store: FeatureStore, path) -> None:
-    """A model trained on one backbone's features must not silently read another's."""
-    want, have = payload["backbone"], store
-    if (want["dim"], want["tokens"]) != (have.dim, have.index["tokens"]) or want["name"] != have.backbone:
-        raise ValueError(
-            f"{path} was trained on features of backbone {want['name']!r} ({want['tokens']}x{want['dim']}), "
-            f"but the features given are from {have.backbone!r} ({have.index['tokens']}x{have.dim}); "
-            "use the features of the same features.backbone or retrain")
-
-
-ARCHITECTURE_KEYS = ("d_model", "enc_layers", "dec_layers", "n_heads", "d_ff")
-
-
-def check_architecture(payload: dict, spec: dict, path) -> None:
-    """The checkpoint a run starts from must be the captioner the config describes."""
-    have, want = payload["model_config"], spec["model"]
-    diff = [f"model.{k} is {want[k]} in the config but {have[k]} in the checkpoint"
-            for k in ARCHITECTURE_KEYS if have.get(k) != want.get(k)]
-    if diff:
-        raise ValueError(f"{path} does not match the config: {'; '.join(diff)}. Retrain XE with this config "
-                         "(snakemake reruns train_xe when model.* changes) or restore the config")
-
-
-def usable_rows(store: FeatureStore, records: list[ImageRecord]) -> list[int]:
-    """Rows of the records whose images were read (features.skip_broken_images leaves the others out)."""
-    skipped = set(store.index.get("skipped_images", []))
-    return [i for i, r in enumerate(records) if r.image_id not in skipped]
-
-
-def aligned_store(index_json, records: list[ImageRecord], split: str) -> FeatureStore:
-    store = FeatureStore(index_json)
-    if store.image_ids != [r.image_id for r in records]:
-        raise ValueError(f"{index_json}: features of split {split!r} do not match the split file's images "
-                         "(different data or order); rerun cache_features")
-    return store
-
-
-# -- generation and validation -------------------------------------------------------------------
-def decode_beams(model: Captioner, memory, decoding: dict):
-    """Beam search with the config's decoding settings (style, beams, length, length penalty)."""
-    return beam_search(model, memory, beam_size=decoding["beam_size"], max_len=decoding["max_len"],
-                       style=decoding["style"], length_penalty=decoding["length_penalty"])
-
-
-@torch.no_grad()
-def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureStore, indices, *,
-                      beam_size: int, max_len: int, batch_size: int, device: str, amp: str = "none",
-                      style: str = "hf", length_penalty: float = 1.0, progress: bool = False) -> list[str]:
-    """The best beam of each image, decoded (eval mode: test decoding never uses dropout)."""
-    from tqdm import tqdm
-
-    decoding = {"beam_size": beam_size, "max_len": max_len, "style": style, "length_penalty": length_penalty}
-    indices = list(indices)
-    was_training = model.training
-    model.eval()
-    out = []
-    batches = range(0, len(indices), batch_size)
-    for lo in tqdm(batches, desc="beam search", unit="batch", disable=not progress, mininterval=2.0):
-        feats = store[indices[lo:lo + batch_size]].to(device)
-        with runtime.autocast(device, amp):
-            tokens, _ = decode_beams(model, model.encode(feats), decoding)
-        out += tok.decode_batch(tokens[:, 0])
-    model.train(was_training)
-    return out
-
-
-class Validator:
-    """Captions the first `val_images` val images and scores them: CIDEr-D (our exact
-    implementation, equal to pycocoevalcap's, over the whitespace tokens of the post-processed
-    captions and references, as the official validation; `evaluate` uses the Java PTB tokenizer),
-    and for fine-tuning CLIP-S / RefCLIP-S / PAC-S / RefPAC-S in the form `selection.form` names:
-
-    - "validation" (default, the official trainer's checkpoint selection: official utils.py
-      `clip_score_from_predictions` -> `compute_clip_score(ref=True)`): no text prefix, the candidate
-      cosine NOT clamped, the best reference cosine clamped at 0: s = w*cos(I, c),
-      t = max(max_r cos(c, r), 0), Ref = 2st/(s+t);
-    - "metric": the reported metrics' form (evaluate.clip_s / evaluate.pac_s: prefix
-      "A photo depicts ", s = w*max(cos, 0), t unclamped), as `evaluate` computes them.
-    """
-
-    def __init__(self, store: FeatureStore, records: list[ImageRecord], spec: dict, device: str,
-                 scorers: dict | None = None, grammar=None):
-        n = spec["train"]["val_images"] or len(records)
-        self.indices = usable_rows(store, records[:n])  # skipped (unreadable) images are not scored
-        self.store, self.spec, self.device = store, spec, device
-        self.records = [records[i] for i in self.indices]
-        self.gts = None  # CIDEr references, tokenised at the first call (they need the tokenizer)
-        self.scorers = scorers or {}  # metric name -> (evaluator, image_embs [N,D], w, prefix)
-        self.ref_embs: dict[str, torch.Tensor] = {}  # metric name -> its embedded references (fixed: once)
-        self.grammar = grammar  # the demo's caption grammar: fluent_pct in the curves (dico.demo.grammatical)
-
-    def _cider_tokens(self, texts: list[str]) -> list[str]:
-        """What the official validation CIDEr splits on whitespace (official utils.py compute_metrics):
-        the post-processed text (dico.text) under decoding.postprocess official, else a light
-        tokenizer."""
-        from .text import postprocess
-
-        mode = self.spec["decoding"]["postprocess"]
-        return postprocess(texts, mode) if mode != "none" else [simple_tokenize(c) for c in texts]
-
-    def __call__(self, model, tok) -> dict:
-        dec = self.spec["decoding"]
-        if self.gts is None:  # the official references went through the tokenizer and back (77 tokens max)
-            refs = [[tok.decode(tok.encode(c, self.spec["model"]["max_caption_tokens"])) for c in r.captions]
-                    for r in self.records]
-            self.gts = {i: self._cider_tokens(rs) for i, rs in enumerate(refs)}
-        caps = generate_captions(model, tok, self.store, self.indices, beam_size=dec["beam_size"],
-                                 max_len=dec["max_len"], batch_size=dec["batch_size"], device=self.device,
-                                 amp=self.spec["train"]["amp"], style=dec["style"],
-                                 length_penalty=dec["length_penalty"])
-        cider, _ = cider_d(self.gts, {i: [t] for i, t in enumerate(self._cider_tokens(caps))})
-        metrics = {"CIDEr": cider}
-        from .evaluator import reference_embeddings, score_captions, score_captions_validation_form
-        from .metrics import fluent_pct
-
-        form = self.spec.get("selection", {}).get("form", "metric")
-        refs = [list(r.captions) for r in self.records]
-        for name, (evaluator, embs, w, prefix) in self.scorers.items():
-            if name not in self.ref_embs:
-                self.ref_embs[name] = reference_embeddings(evaluator, refs, "" if form == "validation" else prefix)
-            if form == "validation":
-                s = score_captions_validation_form(evaluator, embs[self.indices], caps, refs, w=w,
-                                                   ref_embs=self.ref_embs[name])
-            else:
-                s = score_captions(evaluator, embs[self.indices], caps, refs, w=w, prefix=prefix,
-                                   ref_embs=self.ref_embs[name])
-            metrics[name], metrics[f"Ref{name}"] = s["score"], s["ref_score"]
-        if self.grammar is not None:
-            metrics["fluent_pct"] = fluent_pct(caps, self.grammar)
-        metrics["example"] = caps[0]
-        return metrics
+from .validation import Validator
 
 
 def optimizer_step(params, opt, scaler: runtime.DynamicLossScaler, max_grad_norm, dist: runtime.Dist,
@@ -295,7 +136,7 @@ class _Loop:
         if improved:
             self.best = {"step": self.step, "value": metrics[key], "metric": key}
             self.since_best = 0
-            self.work.save_best(captioner_payload(self.model, self.tok, self.store, self.spec, self.step, metrics))
+            self.work.save_best(captioner_payload(self.model, self.tok, self.store.grid, self.spec, self.step, metrics))
         elif candidate:
             self.since_best += 1
         row = {"step": self.step, "phase": "val", **metrics, "best": improved, "candidate": candidate,
@@ -363,10 +204,6 @@ class _Loop:
         self.dist.barrier()
 
     def _finish(self, out_model, out_log):
-        from .io import atomic_path, write_text
-        import json
-        import shutil
-
         with atomic_path(out_model) as tmp:
             shutil.copyfile(self.work.best, tmp)
         write_text(out_log, "".join(json.dumps(r) + "\n" for r in self.rows))
@@ -429,8 +266,9 @@ def build_model(spec: dict, tok: CaptionTokenizer, feat_dim: int) -> Captioner:
 
 
 def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_log, device: str, log=print,
-             dist: runtime.Dist | None = None):
-    """XE pre-training. `xe.batch_size` captions per forward pass (global: split over processes)."""
+             dist: runtime.Dist | None = None, grammar=None):
+    """XE pre-training. `xe.batch_size` captions per forward pass (global: split over processes).
+    `grammar`: a predicate text -> bool whose acceptance rate validation logs (fluent_pct)."""
     cfg, dist = spec["xe"], dist or runtime.Dist()
     train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
     train_store = aligned_store(features["train"], train_records, "train")
@@ -453,7 +291,7 @@ def train_xe(spec: dict, splits_json, features: dict, work_dir, out_model, out_l
     sched = torch.optim.lr_scheduler.LambdaLR(opt, constant_with_warmup(cfg["warmup_ratio"], cfg["steps"]))
     scaler = runtime.DynamicLossScaler.from_config(device, spec["train"])
     loop = _Loop(spec, cfg, work_dir, log, model, opt, batches, train_store, tok,
-                 Validator(val_store, val_records, spec, device, grammar=grammar_of(splits_json)), scaler,
+                 Validator(val_store, val_records, spec, device, grammar=grammar), scaler,
                  scheduler=sched, dist=dist)
     amp = spec["train"]["amp"]
 
@@ -494,21 +332,19 @@ def constant_with_warmup(warmup_ratio: float, steps: int):
 
 # -- fine-tuning: DiCO and SCST ------------------------------------------------------------------
 def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir, out_model, out_log,
-                   device: str, evaluators: dict, image_embs: dict, log=print, dist: runtime.Dist | None = None):
+                   device: str, evaluators: dict, image_embs: dict, log=print, dist: runtime.Dist | None = None,
+                   grammar=None):
     """`evaluators[name]` are loaded clip_models; `image_embs[name][split]` their cached image
     embeddings (train for the reward, val for validation). `batch_images` is global (split over
-    processes)."""
-    from .rewards import build_reward
-
+    processes). `grammar`: a predicate text -> bool whose acceptance rate validation logs (fluent_pct)."""
     dist = dist or runtime.Dist()
-
     method = spec["method"]
     cfg = spec[method]
     train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
     train_store = aligned_store(features["train"], train_records, "train")
     val_store = aligned_store(features["val"], val_records, "val")
     policy, tok, payload = load_captioner(init_model, device)
-    check_backbone(payload, train_store, init_model)
+    check_backbone(payload, train_store.grid, init_model)
     check_architecture(payload, spec, init_model)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if method == "dico" else None
     reward_fn = build_reward(spec["reward"], evaluators=evaluators,
@@ -519,7 +355,7 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     scorers = {metric: (evaluators[sel[key]["model"]], image_embs[sel[key]["model"]]["val"],
                         sel[key]["w"], sel[key]["prefix"])
                for metric, key in (("CLIP-S", "clip_s"), ("PAC-S", "pac_s"))}
-    validator = Validator(val_store, val_records, spec, device, scorers, grammar=grammar_of(splits_json))
+    validator = Validator(val_store, val_records, spec, device, scorers, grammar=grammar)
     log(f"{spec['run']}: {method} from {init_model} (XE step {payload['step']}), reward {spec['reward']}, "
         f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}, candidates in "
         f"{cfg['generation_mode']} mode, {spec['decoding']['style']} beam search")
@@ -532,56 +368,90 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     sampler = runtime.EpochSampler(len(usable), spec["seed"])
     loop = _Loop(spec, cfg, work_dir, log, policy, opt, sampler, train_store, tok, validator, scaler,
                  dist=dist, validate_start=True)
-    k, amp = cfg["k"], spec["train"]["amp"]
-    decoding = {**spec["decoding"], "beam_size": k}  # the k candidates are the k final beams
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    step = FinetuneStep(spec, policy, reference, tok, reward_fn, train_store, usable, sampler, opt, scaler, dist,
+                        device)
+    loop.run(step, out_model, out_log)
 
-    def step():
+
+class FinetuneStep:
+    """One fine-tuning step (official trainers/dico_trainer.py `compute_dico_loss`; module docstring):
+    the k final beams of the policy's beam search as candidates, their rewards, their teacher-forced
+    sequence log-probs under the policy (and, for DiCO, the frozen XE model), the DiCO or SCST loss and
+    one optimiser step. Returns the logged numbers, with the time of each phase."""
+
+    def __init__(self, spec: dict, policy, reference, tok: CaptionTokenizer, reward_fn, store: FeatureStore,
+                 usable: torch.Tensor, sampler, opt, scaler, dist: runtime.Dist, device: str):
+        self.spec, self.method = spec, spec["method"]
+        self.cfg = spec[self.method]
+        self.policy, self.reference, self.tok, self.reward_fn = policy, reference, tok, reward_fn
+        self.store, self.usable, self.sampler, self.opt, self.scaler = store, usable, sampler, opt, scaler
+        self.dist, self.device, self.amp = dist, device, spec["train"]["amp"]
+        self.k = self.cfg["k"]
+        self.decoding = {**spec["decoding"], "beam_size": self.k}  # the k candidates are the k final beams
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def __call__(self) -> dict:
         times = {}
         t = time.time()
-        idx = usable[sampler.next(cfg["batch_images"])]
-        idx = idx[dist.share(len(idx), "batch_images")]
-        feats = train_store[idx].to(device)
-        # official: the HF Trainer keeps the policy in train() mode, so its beam search runs with dropout
-        policy.train(cfg["generation_mode"] == "train")
-        with torch.no_grad(), runtime.autocast(device, amp):
-            beams, _ = decode_beams(policy, policy.encode(feats), decoding)
-        policy.train()
-        B = len(idx)
-        cands = beams.reshape(B * k, -1)
-        sync()
+        idx, feats, cands = self._candidates()
         times["gen_s"] = time.time() - t
 
         t = time.time()
-        rewards = reward_fn(cands, idx.repeat_interleave(k)).to(device).view(B, k)
+        B, k = len(idx), self.k
+        rewards = self.reward_fn(cands, idx.repeat_interleave(k)).to(self.device).view(B, k)
         times["reward_s"] = time.time() - t
 
         t = time.time()
-        with runtime.autocast(device, amp):
-            logps = sequence_logprobs(policy, policy.encode(feats), cands, repeats=k).float().view(B, k)
-            if reference is not None:
-                with torch.no_grad():
-                    ref_logps = sequence_logprobs(reference, reference.encode(feats), cands,
-                                                  repeats=k).float().view(B, k)
-        sync()
+        logps, ref_logps = self._logprobs(feats, cands, B)
         times["logprob_s"] = time.time() - t
 
         t = time.time()
-        if method == "dico":
-            loss = dico_loss(logps, ref_logps, rewards, beta=cfg["beta"], tau=cfg["tau"])
-        else:
-            loss = scst_loss(logps, rewards)
-        (loss * (scaler.scale / dist.world)).backward()  # equal shares: the sum over ranks is the global mean
-        stepped = optimizer_step(policy.parameters(), opt, scaler, spec["train"]["max_grad_norm"], dist)
-        sync()
+        loss, stepped = self._update(logps, ref_logps, rewards)
         times["backward_s"] = time.time() - t
 
         stats = {"loss": loss.item(), "reward_mean": float(rewards.mean()),
                  "reward_best": float(rewards.max(1).values.mean()), **stepped,
-                 "mean_len": float((cands != tok.pad_id).sum(1).float().mean() - 1),
+                 "mean_len": float((cands != self.tok.pad_id).sum(1).float().mean() - 1),
                  **{key: round(v, 4) for key, v in times.items()}}
-        if method == "dico":
-            stats.update(dico_diagnostics(logps, ref_logps, rewards, cfg["beta"], cfg["tau"]))
+        if self.method == "dico":
+            stats.update(dico_diagnostics(logps, ref_logps, rewards, self.cfg["beta"], self.cfg["tau"]))
         return stats
 
-    loop.run(step, out_model, out_log)
+    def _candidates(self):
+        """This rank's images of the global batch, their features and the k final beams of each."""
+        idx = self.usable[self.sampler.next(self.cfg["batch_images"])]
+        idx = idx[self.dist.share(len(idx), "batch_images")]
+        feats = self.store[idx].to(self.device)
+        # official: the HF Trainer keeps the policy in train() mode, so its beam search runs with dropout
+        self.policy.train(self.cfg["generation_mode"] == "train")
+        with torch.no_grad(), runtime.autocast(self.device, self.amp):
+            beams, _ = decode_beams(self.policy, self.policy.encode(feats), self.decoding)
+        self.policy.train()
+        cands = beams.reshape(len(idx) * self.k, -1)
+        self.sync()
+        return idx, feats, cands
+
+    def _logprobs(self, feats, cands, B: int):
+        """Sequence log-probs [B, k] of the candidates under the policy (with gradient) and, for DiCO,
+        under the frozen reference (None for SCST)."""
+        k, ref_logps = self.k, None
+        with runtime.autocast(self.device, self.amp):
+            logps = sequence_logprobs(self.policy, self.policy.encode(feats), cands, repeats=k).float().view(B, k)
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logps = sequence_logprobs(self.reference, self.reference.encode(feats), cands,
+                                                  repeats=k).float().view(B, k)
+        self.sync()
+        return logps, ref_logps
+
+    def _update(self, logps, ref_logps, rewards):
+        if self.method == "dico":
+            loss = dico_loss(logps, ref_logps, rewards, beta=self.cfg["beta"], tau=self.cfg["tau"])
+        else:
+            loss = scst_loss(logps, rewards)
+        # equal shares: the sum over ranks is the global mean
+        (loss * (self.scaler.scale / self.dist.world)).backward()
+        stepped = optimizer_step(self.policy.parameters(), self.opt, self.scaler, self.spec["train"]["max_grad_norm"],
+                                 self.dist)
+        self.sync()
+        return loss, stepped

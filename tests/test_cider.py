@@ -1,4 +1,4 @@
-"""dico.cider against pycocoevalcap's Cider (the definition of the numbers we must reproduce)."""
+"""dico.metrics.cider against pycocoevalcap's Cider (the definition of the numbers we must reproduce)."""
 import math
 import random
 from collections import Counter
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from dico.cider import CiderD, _KeyIndex, cider_d, simple_tokenize
+from dico.metrics.cider import _KeyIndex, cider_d, CiderD, simple_tokenize
 
 TOL = 1e-9
 
@@ -267,7 +267,7 @@ def test_simple_tokenize_agrees_with_ptb_on_typical_captions():
 
     if shutil.which("java") is None:
         pytest.skip("no java")
-    from dico.metrics import ptb_tokenize
+    from dico.metrics.coco import ptb_tokenize
 
     caps = ["A man riding a wave on top of a surfboard.", "Two dogs, one brown and one white, play.",
             "A woman's hand holding a cell-phone!", "There is a cat that isn't sleeping on the couch",

@@ -2,7 +2,6 @@
 same training run as 1 process with the same global batch."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,21 +9,19 @@ import pytest
 import torch
 import yaml
 
-TINY = {
-    "data": {"source": "demo", "demo": {"n_train": 40, "n_val": 8, "n_test": 8, "image_size": 32}},
-    "clip_models": {"clip": {"source": "demo", "train": {"steps": 5, "batch_size": 16, "patch_size": 8,
-                                                         "vision_layers": 1, "text_layers": 1}}},
-    "features": {"backbone": "clip", "num_workers": 0, "shard_size": 16},
-    "model": {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
-              "vocab": "train", "max_dec_positions": 40},
-    "decoding": {"max_len": 16},
-    "xe": {"steps": 40, "batch_size": 20, "grad_accum": 2, "captions_per_image": None, "val_every": 20,
-           "lr": 3e-3, "warmup_ratio": 0.05},
-    "train": {"log_every": 1},
-    "evaluate": {"clip_s": {"model": "clip"}, "pac_s": {"model": "clip"}},
-    "rewards": {"cider": {"type": "cider"}, "clip_s": {"type": "clip", "model": "clip"},
-                "pac_s": {"type": "clip", "model": "clip"}},
-}
+from dico import config as C
+from worlds import TINY_CONFIG
+
+# The shared tiny config (tests/worlds.py) with 40 / 8 / 8 images and, for the rest, the schema's defaults.
+TINY = C.deep_merge(TINY_CONFIG, {
+    "device": "auto", "data": {"demo": {"n_train": 40, "n_val": 8, "n_test": 8}},
+    "features": {"shard_size": 16, "batch_size": 256}, "model": {"max_caption_tokens": 77},
+    "decoding": {"max_len": 16, "beam_size": 5}, "train": {"log_every": 1},
+    "xe": {"batch_size": 20, "grad_accum": 2, "val_every": 20, "lr": 3e-3},
+    "scst": {"rewards": ["cider", "clip_s", "pac_s"]},
+    "ablations": {"beta": [0.05, 0.1, 0.2, 0.5, 1.0], "k": [2, 3, 5], "reward": ["pac_s", "clip_s"],
+                  "tau": [1, 30, 100, 300, 1000]},
+    "evaluate": {"meteor": True, "splits": ["val", "test"]}, "report": {"reported": "config/paper_reported.yaml"}})
 
 
 def dico(*args, cwd, env=None):

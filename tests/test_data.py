@@ -5,7 +5,8 @@ import random
 import pytest
 
 from dico import demo
-from dico.data import load_image, load_split, normalise_karpathy
+from dico.data import load_split, normalise_karpathy
+from dico.images import load_image
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_demo_scenes_survive_normalisation(demo_dir, tmp_path):
     normalise_karpathy(demo_dir / "dataset_demo.json", demo_dir / "images", tmp_path / "splits.json")
     val = [im for im in data["images"] if im["split"] == "val"]
     scenes = demo.split_scenes(tmp_path / "splits.json", "val")
-    assert [demo._scene_json(sc) for sc in scenes] == [im["scene"] for im in val]
+    assert [demo.scene_json(sc) for sc in scenes] == [im["scene"] for im in val]
     assert all(demo.describes(s["raw"], sc) for im, sc in zip(val, scenes) for s in im["sentences"])
     for im in data["images"]:
         del im["scene"]

@@ -7,9 +7,9 @@ import random
 import pytest
 
 from dico import demo
-from dico.cider import simple_tokenize
+from dico.metrics.cider import simple_tokenize
 from dico.demo import grammatical
-from dico.metrics import NO_GRAMMAR, diversity
+from dico.metrics.diversity import diversity, NO_GRAMMAR
 
 
 POSITIONS = ("the center", "the left", "the right", "the top", "the bottom",
@@ -217,7 +217,7 @@ def test_describes_every_caption_the_generator_writes_for_the_same_cells():
         for variant in (scene, _rejittered(scene, rng), _rejittered(scene, rng)):
             for text in demo.captions(variant, rng, 5):
                 assert describes(text, scene), (text, scene)
-        cells = [demo._cell(sh) for sh in scene.shapes]
+        cells = [demo.cell(sh) for sh in scene.shapes]
         diagonal += any(abs(a[0] - b[0]) == abs(a[1] - b[1]) for a, b in itertools.combinations(cells, 2))
     assert diagonal > 100
 

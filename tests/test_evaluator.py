@@ -1,4 +1,5 @@
-"""Tests of dico.evaluator on tiny random CLIPs (no pretrained weights exist offline)."""
+"""Tests of dico.clip_model, dico.clip_weights and dico.metrics.clipscore on tiny random CLIPs (no
+pretrained weights exist offline)."""
 import copy
 import json
 import os
@@ -13,8 +14,10 @@ open_clip = pytest.importorskip("open_clip")
 from PIL import Image
 
 from dico.data import ImageRecord
-from dico.demo_clip import build_tiny_clip, tiny_clip_config, train_tiny_clip
-from dico.evaluator import Evaluator, clip_scores, load_evaluator, reward_scores, save_evaluator, score_captions
+from dico.demo.clip import build_tiny_clip, tiny_clip_config, train_tiny_clip
+from dico.clip_model import Evaluator
+from dico.clip_weights import load_evaluator, save_evaluator
+from dico.metrics.clipscore import clip_scores, reward_scores, score_captions
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
@@ -379,7 +382,7 @@ def test_train_tiny_clip_is_deterministic(tmp_path):
 
 def test_compact_token_table_trains_the_dense_table_adamw_would():
     """CompactTokenTable + write_back against torch's AdamW on the full table (the reference)."""
-    from dico.demo_clip import CompactTokenTable
+    from dico.demo.clip import CompactTokenTable
 
     torch.manual_seed(0)
     full_ref = torch.nn.Embedding(300, 8)
@@ -409,7 +412,7 @@ def test_compact_token_table_trains_the_dense_table_adamw_would():
 
 
 def test_text_prefix_equals_the_full_text_tower():
-    from dico.evaluator import encode_text_prefix, tokenize
+    from dico.clip_model import encode_text_prefix, tokenize
 
     model = build_tiny_clip(CFG, 0).eval()
     tokens = tokenize(["a red circle", "a large blue square to the left of a small green triangle"],
@@ -429,7 +432,7 @@ def test_text_prefix_equals_the_full_text_tower():
 
 
 def test_retrieval_r1_both_ways_against_a_loop():
-    from dico.demo_clip import retrieval
+    from dico.demo.retrieval import retrieval
 
     class Fixed:  # embeddings given, so the ranking is known
         def __init__(self, imgs, txts):
@@ -458,7 +461,7 @@ def test_retrieval_counts_a_caption_true_of_another_scene_as_a_hit():
     true of both, so retrieving scene 1 is a hit by truth (`demo.describes`) and a miss by reference text;
     "a red square" retrieving scene 0 is a miss either way."""
     from dico.demo import Scene, Shape
-    from dico.demo_clip import retrieval
+    from dico.demo.retrieval import retrieval
 
     class Fixed:
         def embed_images(self, pixels):
@@ -485,8 +488,8 @@ def test_retrieval_counts_a_caption_true_of_another_scene_as_a_hit():
 def test_preprocess_all_is_clip_preprocess_bit_for_bit():
     """The batched path (images already at the input size) against the reference transform, one image
     at a time; other sizes and modes fall back to it."""
-    from dico.demo_clip import preprocess_all
-    from dico.evaluator import clip_preprocess
+    from dico.demo.clip import preprocess_all
+    from dico.clip_model import clip_preprocess
 
     g = torch.Generator().manual_seed(0)
     square = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g).numpy())

@@ -1,4 +1,4 @@
-"""Kills and resumes, for real (DESIGN.md, "Contracts"; issue 7).
+"""Kills and resumes, for real (docs/architecture.md, "Contracts").
 
 - SIGTERM (SLURM preemption / time limit) to a running `dico train`: checkpoint, exit 143, and the
   rerun resumes to the model an uninterrupted run ends with.
@@ -24,10 +24,11 @@ import pytest
 import torch
 import yaml
 
+from dico import config as C
+from dico.clip_weights import load_evaluator
 from dico.data import load_split
-from dico.evaluator import load_evaluator
 from dico.features import FeatureStore, cache_features
-from worlds import tiny_world
+from worlds import TINY_CONFIG, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -35,26 +36,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
 
 # Small enough for 2 CPU cores, big enough that a kill lands mid-run: XE checkpoints at steps 10, 20,
 # 30, 40 and DiCO at 4, 8, 12, 16; dropout > 0 so that resuming must restore the RNG states too.
-TINY = {
-    "seed": 0, "device": "cpu", "deterministic": True,
-    "data": {"source": "demo", "demo": {"n_train": 40, "n_val": 8, "n_test": 8, "image_size": 32}},
-    "clip_models": {"clip": {"source": "demo", "train": {"steps": 5, "batch_size": 16, "patch_size": 8,
-                                                         "vision_layers": 1, "text_layers": 1}}},
-    "features": {"backbone": "clip", "num_workers": 0, "shard_size": 16, "batch_size": 16},
-    "model": {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.1,
-              "vocab": "train", "max_caption_tokens": 24, "max_dec_positions": 40},
-    "decoding": {"max_len": 16, "beam_size": 2},
-    "train": {"log_every": 5},
-    "xe": {"steps": 40, "batch_size": 20, "grad_accum": 1, "captions_per_image": None, "val_every": 10,
-           "lr": 2.0e-3},
-    "scst": {"rewards": []},
-    "dico": {"steps": 16, "batch_images": 4, "k": 2, "val_every": 4, "lr": 1.0e-4},
-    "ablations": {},
-    "rewards": {"cider": {"type": "cider"}, "clip_s": {"type": "clip", "model": "clip"},
-                "pac_s": {"type": "clip", "model": "clip"}},
-    "evaluate": {"splits": ["test"], "meteor": False, "clip_s": {"model": "clip"}, "pac_s": {"model": "clip"}},
-    "report": {"reported": None},
-}
+TINY = C.deep_merge(TINY_CONFIG, {
+    "deterministic": True, "data": {"demo": {"n_train": 40, "n_val": 8, "n_test": 8}},
+    "features": {"shard_size": 16, "batch_size": 16}, "model": {"dropout": 0.1}, "decoding": {"max_len": 16},
+    "train": {"log_every": 5}, "xe": {"batch_size": 20, "val_every": 10, "lr": 2.0e-3}, "scst": {"rewards": []},
+    "dico": {"steps": 16, "batch_images": 4, "k": 2, "val_every": 4, "lr": 1.0e-4}})
 TARGETS = ["results/metrics/xe/test.json", "results/metrics/dico/test.json"]
 
 
@@ -62,13 +48,8 @@ TARGETS = ["results/metrics/xe/test.json", "results/metrics/dico/test.json"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """40/8/8 demo images, a random tiny CLIP backbone, cached train/val features, a config file."""
-    root = tmp_path_factory.mktemp("faults")
-    ev = tiny_world(root, n_train=40, n_val=8, n_test=8, seed=1)
-    for split in ("train", "val"):
-        cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
-                       root / "features" / split, shard_size=16, batch_size=16, log=lambda *a: None)
-    (root / "config.yaml").write_text(yaml.safe_dump(TINY))
-    return root
+    return make_world(tmp_path_factory.mktemp("faults"), n_train=40, n_val=8, n_test=8, seed=1,
+                      features=("train", "val"), shard_size=16, batch_size=16, config=TINY)["root"]
 
 
 def _train_cmd(root, out: str):
@@ -121,11 +102,12 @@ def test_preemption_is_logged_not_silent(caplog, monkeypatch):
     import logging
 
     from dico import cli, runtime
+    from dico.cli import data
 
     def preempted(args):
         raise runtime.Preempted(17)
 
-    monkeypatch.setattr(cli, "cmd_prepare_splits", preempted)
+    monkeypatch.setattr(data, "cmd_prepare_splits", preempted)
     with caplog.at_level(logging.INFO, logger="dico"), pytest.raises(SystemExit) as stop:
         cli.main(["prepare-splits", "--karpathy-json", "k", "--image-root", "r", "--out", "o"])
     assert stop.value.code == 143
@@ -148,7 +130,7 @@ def test_work_dir_drops_half_written_checkpoints_of_a_killed_run(tmp_path):
 SLOW_CACHE = textwrap.dedent("""
     import sys, time
     from dico.data import load_split
-    from dico.evaluator import load_evaluator
+    from dico.clip_weights import load_evaluator
     from dico.features import cache_features
 
     root, out = sys.argv[1], sys.argv[2]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dico.data import load_image, load_split
+from dico.data import load_split
+from dico.images import load_image
 from dico.features import FeatureStore, cache_features
 from worlds import tiny_world
 
@@ -154,7 +155,7 @@ def test_gather_names_the_missing_part_or_damaged_shard_and_the_fix(world, tmp_p
 SLOW_PART = """
 import sys, time
 from dico.data import load_split
-from dico.evaluator import load_evaluator
+from dico.clip_weights import load_evaluator
 from dico.features import cache_features_part
 
 root, out = sys.argv[1], sys.argv[2]

@@ -4,7 +4,6 @@ the official reward input (open_clip's tokenizer, CLIP's pooling), the official 
 checkpoint selection and the official budget, the policy's mode while it generates candidates, and
 collectives that NCCL accepts."""
 import json
-import os
 import socket
 
 import pytest
@@ -12,11 +11,8 @@ import torch
 
 from dico import config as C
 from dico import runtime
-from dico.data import load_split
-from dico.evaluate import embed_images
-from dico.features import cache_features
 from dico.train import optimizer_step, train_finetune, train_xe
-from worlds import sigterm_at_step, tiny_world
+from worlds import make_world, sigterm_at_step
 
 
 # -- fp16 loss scaling: DeepSpeed's dynamic loss scaler (official configs/config_adam_zero2.json) -----
@@ -113,20 +109,12 @@ def test_xe_warmup_is_hf_constant_schedule_with_warmup():
 # -- the training reward from the generated ids (official utils.py compute_clip_score, w=2.0) ---------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fidelity")
-    ev = tiny_world(root, n_train=30, n_val=8, n_test=4, seed=7)
-    feats, embs = {}, {}
-    for split in ("train", "val"):
-        records = load_split(root / "splits.json", split)
-        cache_features(ev, "clip", root / "clip.pt", records, split, root / "features" / split,
-                       shard_size=16, batch_size=16, log=lambda *a: None)
-        feats[split] = str(root / "features" / split / "index.json")
-        embs[split] = embed_images(ev, [r.path for r in records], progress=False)
-    return {"root": root, "splits": root / "splits.json", "features": feats, "ev": ev, "embs": embs}
+    return make_world(tmp_path_factory.mktemp("fidelity"), n_train=30, n_val=8, n_test=4, seed=7,
+                      features=("train", "val"), embeddings=("train", "val"), shard_size=16, batch_size=16)
 
 
 def test_reward_from_ids_is_clip_of_the_generated_ids(world):
-    from dico.evaluator import tokenize
+    from dico.clip_model import tokenize
     from dico.rewards import ClipReward, clip_text_ids
     from dico.tokenizer import CaptionTokenizer
 
@@ -172,7 +160,7 @@ def test_rewards_default_to_the_ids_path():
 
 # -- checkpoint selection, validation form, budget, candidates' mode --------------------------------
 def test_validation_form_is_the_official_compute_clip_score(world):
-    from dico.evaluator import score_captions_validation_form
+    from dico.metrics.clipscore import score_captions_validation_form
 
     ev = world["ev"]
     caps, refs = ["a red circle", "two squares"], [["a red circle", "a circle"], ["two blue squares", "boxes"]]
@@ -245,15 +233,17 @@ def test_patience_stops_a_run_and_the_default_budget_is_the_official_one(world, 
 
 
 def test_candidates_are_generated_in_train_mode_as_the_official_trainer(world, xe_checkpoint, tmp_path, monkeypatch):
+    import dico.inference as I
     import dico.train as T
 
-    modes, real = [], T.decode_beams
+    modes, real = [], I.decode_beams
 
     def spy(model, memory, decoding):
         modes.append((model.training, decoding["beam_size"]))
         return real(model, memory, decoding)
 
-    monkeypatch.setattr(T, "decode_beams", spy)
+    monkeypatch.setattr(T, "decode_beams", spy)  # the training step's candidates
+    monkeypatch.setattr(I, "decode_beams", spy)  # validation's captions
     assert C.load("config/paper.yaml")["dico"]["generation_mode"] == "train"
     config = _finetune_spec(dico={"steps": 4, "batch_images": 2, "val_every": 2, "lr": 1e-4, "k": 3})
     _finetune(world, xe_checkpoint, tmp_path, config)

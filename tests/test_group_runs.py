@@ -1,12 +1,10 @@
 """evaluate.group_runs: one `dico generate` / `dico evaluate` process for several runs, and one
 `dico cache-embeddings` process for several splits, write what one process per run (per split)
 writes. The reference is the per-run command itself, run separately on the same inputs."""
-import copy
 import json
 
 import pytest
 import torch
-import yaml
 
 from dico import cli
 from dico import config as C
@@ -21,23 +19,11 @@ SPLITS = ("val", "test")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Demo images, features of a random tiny CLIP and two XE captioners (seeds 0 and 1)."""
-    from dico.data import load_split
-    from dico.features import cache_features
-    from dico.train import train_xe
-    from worlds import tiny_world
+    from worlds import make_world
 
-    root = tmp_path_factory.mktemp("group")
-    ev = tiny_world(root, n_train=24, n_val=6, n_test=6, seed=3)
-    for split in ("train", *SPLITS):
-        cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
-                       root / "features" / split, shard_size=8, batch_size=8, log=lambda *a: None)
-    cfg = C.validate({**copy.deepcopy(CONFIG), "seeds": [0, 1]})
-    feats = {s: str(root / "features" / s / "index.json") for s in ("train", "val")}
-    for run in ("xe", "xe_seed1"):
-        train_xe(C.run_spec(cfg, run), root / "splits.json", feats, root / run / "work", root / run / "model.pt",
-                 root / run / "log.jsonl", device="cpu", log=lambda *a: None)
-    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    return root
+    return make_world(tmp_path_factory.mktemp("group"), n_train=24, n_val=6, n_test=6, seed=3,
+                      features=("train", *SPLITS), config=CONFIG, xe_runs=("xe", "xe_seed1"),
+                      xe_config={**CONFIG, "seeds": [0, 1]})["root"]
 
 
 def _generate(root, models, outs):

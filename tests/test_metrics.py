@@ -3,8 +3,11 @@ import shutil
 
 import pytest
 
-from dico import metrics
-from dico.metrics import METRIC_KEYS, coco_metrics, diversity, find_spice_jars
+from dico.metrics import coco
+from dico.metrics.coco import coco_scores, find_spice_jars
+from dico.metrics.diversity import diversity
+from dico.metrics.keys import COCO_KEYS
+from dico.metrics.scoring import compute
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="no java")
 
@@ -56,52 +59,58 @@ def pycocoevalcap_direct(refs, cands, meteor):
 
 
 @needs_java
-def test_coco_metrics_equal_pycocoevalcap_with_meteor():  # ~30 s: two METEOR JVMs
-    got, notes = coco_metrics(REFS, CANDS, meteor=True)
+def test_coco_scores_equal_pycocoevalcap_with_meteor():  # ~30 s: two METEOR JVMs
+    got, per, notes = coco_scores(REFS, CANDS)
     want = pycocoevalcap_direct(REFS, CANDS, meteor=True)
-    assert list(got) == list(METRIC_KEYS)
+    assert list(got) == [k for k in COCO_KEYS if k != "SPICE"]
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+        assert len(per[key]) == len(CANDS)
     assert 0.5 < got["CIDEr"] < 5.0  # raw scale, not x100
-    assert got["SPICE"] is None and notes["SPICE"].startswith(metrics.SPICE_MISSING + "; looked for")
+    assert "SPICE" not in got and notes["SPICE"].startswith(coco.SPICE_MISSING + "; looked for")
     assert "stanford-corenlp-3.6.0-models.jar" in notes["SPICE"] and "METEOR" not in notes
 
 
 @needs_java
-def test_coco_metrics_without_meteor(tmp_path):
-    got, notes = coco_metrics(REFS, CANDS, meteor=False, spice_jar_dir=str(tmp_path))
+def test_scoring_without_meteor(tmp_path):
+    ids = list(CANDS)
+    got, _, notes = compute([CANDS[i] for i in ids], [REFS[i] for i in ids], ["bleu", "meteor", "rouge", "cider",
+                                                                             "spice"], spice_jar_dir=str(tmp_path),
+                            meteor=False)
     want = pycocoevalcap_direct(REFS, CANDS, meteor=False)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
-    assert got["METEOR"] is None and notes["METEOR"] == "disabled in config"
-    assert got["SPICE"] is None and str(tmp_path) in notes["SPICE"]
-    with pytest.raises(ValueError):
-        coco_metrics(REFS, {1: "a"}, meteor=False)
+    assert "METEOR" not in got and notes["METEOR"] == "disabled in config"
+    assert "SPICE" not in got and str(tmp_path) in notes["SPICE"]
+    with pytest.raises(ValueError, match="have no references"):
+        coco_scores(REFS, {"no such image": "a"}, ["bleu"])
 
 
 def test_java_missing_is_explained(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(RuntimeError, match="Java not found on PATH.*default-jre-headless"):
-        coco_metrics(REFS, CANDS, meteor=False)
+        coco_scores(REFS, CANDS, ["bleu"])
     with pytest.raises(RuntimeError, match="Java not found"):
-        metrics.ptb_tokenize({1: ["a dog"]})
+        coco.ptb_tokenize({1: ["a dog"]})
+    _, _, reasons = compute(["a dog"], [["a dog runs"]], ["bleu", "cider"])  # dico score: a reason per metric
+    assert reasons["CIDEr"].startswith("not computed: Java not found on PATH")
 
 
 def test_spice_jar_detection(tmp_path, monkeypatch):
     lib = tmp_path / "spice_lib"
     lib.mkdir()
-    monkeypatch.setattr(metrics, "_spice_lib", lambda: lib)
+    monkeypatch.setattr(coco, "_spice_lib", lambda: lib)
     given = tmp_path / "corenlp"
     given.mkdir()
     assert find_spice_jars(given) is None and find_spice_jars(None) is None
     (given / "stanford-corenlp-3.6.0.jar").touch()
     assert find_spice_jars(given) is None  # the models jar is missing
-    reason = metrics._spice_missing_reason(given)
+    reason = coco._spice_missing_reason(given)
     assert reason.startswith("not computed (Stanford CoreNLP 3.6.0 jars missing); ")
     assert str(given) in reason and str(lib) in reason and "evaluate.spice_jar_dir" in reason
     (given / "stanford-corenlp-3.6.0-models.jar").touch()
     assert find_spice_jars(given) == given
-    for jar in metrics.SPICE_JARS:  # pycocoevalcap's own lib/ is searched too
+    for jar in coco.SPICE_JARS:  # pycocoevalcap's own lib/ is searched too
         (lib / jar).touch()
     assert find_spice_jars(None) == lib and find_spice_jars(tmp_path / "nowhere") == lib
 

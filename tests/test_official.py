@@ -10,7 +10,6 @@ refused unless pinned or trusted.
 import argparse
 import json
 import zipfile
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +17,10 @@ import torch
 import hf_reference as H
 from dico import official
 from dico.cli import main
-from dico.download import sha256_file
+from dico.io import sha256_file
 from dico.model import Captioner, CaptionerConfig
 from dico.tokenizer import CLIP_BOS, CLIP_EOS, CLIP_PAD, CLIP_VOCAB, CaptionTokenizer
-from dico.train import captioner_payload, load_captioner
+from dico.checkpoint import captioner_payload, load_captioner
 
 D, ENC, DEC, HEADS, FEAT = 64, 2, 2, 4, 32  # the official sizes (512, 3+3, 8, 1024) scaled down
 CFG = CaptionerConfig(feat_dim=FEAT, vocab_size=CLIP_VOCAB, pad_id=CLIP_PAD, bos_id=CLIP_BOS, eos_id=CLIP_EOS,
@@ -107,8 +106,8 @@ def _our_checkpoint(path, cfg=CFG, tokens=TOKENS, seed=0, tok=None):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    store = SimpleNamespace(backbone="clip_l14", dim=cfg.feat_dim, index={"tokens": tokens})
-    payload = captioner_payload(model.eval(), tok or CaptionTokenizer(), store, {"run": "dico"}, step=1, val=None)
+    grid = {"name": "clip_l14", "dim": cfg.feat_dim, "tokens": tokens}
+    payload = captioner_payload(model.eval(), tok or CaptionTokenizer(), grid, {"run": "dico"}, step=1, val=None)
     torch.save(payload, path)
     return model.eval()
 
@@ -147,8 +146,8 @@ def test_export_needs_the_full_vocabulary(tmp_path):
 def test_exported_vision_tower_is_hf_clip_and_gives_our_grid_features(tmp_path):
     """The ledger row "grid features are all 1+P tokens before ln_post", proven by transformers' own
     CLIPVisionModel (last_hidden_state) on the tower exported from an OpenAI-format CLIP."""
-    from dico.demo_clip import build_tiny_clip, tiny_clip_config
-    from dico.evaluator import load_evaluator, save_evaluator
+    from dico.demo.clip import build_tiny_clip, tiny_clip_config
+    from dico.clip_weights import load_evaluator, save_evaluator
 
     clip = build_tiny_clip(tiny_clip_config(embed_dim=32, image_size=56, patch_size=14, vision_width=FEAT * 2,
                                             vision_layers=2, text_width=64, text_layers=1, context_length=16), seed=0)

@@ -14,8 +14,9 @@ from PIL import Image
 from dico import config as C
 from dico import demo
 from dico.cli import main
-from dico.data import (check_eval_sets, eval_set_records, eval_set_spec, fetch_images, load_split,
-                       normalise_karpathy, prepare_eval_set)
+from dico.data import load_split, normalise_karpathy
+from dico.config import eval_set_spec
+from dico.eval_sets import check_eval_sets, eval_set_records, fetch_images, prepare_eval_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,11 +234,14 @@ def test_config_checks_and_the_by_hand_command(tmp_path, monkeypatch):
     assert config["data"]["demo"]["image_size"] == 48  # the set's images are the size of the demo's
     assert spec["demo"] == {"n_images": 6, "seed": 1, "variant": "backgrounds", "image_size": 48, "refs_per_image": 5}
     assert "label" not in spec and "url" not in spec  # a new title or mirror must not rebuild the set
-    bad = C.load(ROOT / "config" / "config.yaml", {"evaluate": {"datasets": {"f30k": {"format": "karpathy", "member": "x.json"}}}})
-    with pytest.raises(ValueError) as err:
-        check_eval_sets(bad)
+    bad = {"evaluate": {"datasets": {"f30k": {"format": "karpathy", "member": "x.json"}}}}
+    with pytest.raises(C.ConfigError) as err:  # at parse time, by the Snakefile and by every `dico --config`
+        C.load(ROOT / "config" / "config.yaml", bad)
     for msg in ("evaluate.datasets.f30k.annotations", "evaluate.datasets.f30k.image_root", "f30k.member: set url"):
         assert msg in str(err.value)
+    with pytest.raises(ValueError) as err:
+        check_eval_sets(C.deep_merge(config, bad))
+    assert "evaluate.datasets.f30k.annotations" in str(err.value)
     with pytest.raises(C.ConfigError, match="evaluate.datasets"):
         C.load(ROOT / "config" / "config.yaml", {"evaluate": {"datasets": {"val": {"format": "demo"}}}})
 

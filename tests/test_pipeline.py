@@ -12,11 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from dico import config as C
-from dico.report import best_step
+from dico.data import load_split
+from dico.report.inputs import best_step
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"]
@@ -60,20 +64,28 @@ def test_every_output_exists(demo_run):
     config = C.load(work / "config" / "config.yaml")
     res = work / "results"
     for run in C.runs(config):
-        for split in config["evaluate"]["splits"]:
-            assert (res / "captions" / run / f"{split}.json").stat().st_size > 0
-            assert (res / "metrics" / run / f"{split}.json").stat().st_size > 0
-        assert (res / "runs" / run / "model.pt").exists() and (res / "runs" / run / "train_log.jsonl").exists()
+        for split in config["evaluate"]["splits"]:  # a caption of every image of the split, scored
+            ids = [r.image_id for r in load_split(res / "data" / "splits.json", split)]
+            captions = json.loads((res / "captions" / run / f"{split}.json").read_text())
+            assert [c["image_id"] for c in captions] == ids and all(c["caption"].strip() for c in captions)
+            m = metrics(work, run, split)
+            assert (m["run"], m["split"], m["n_images"]) == (run, split, len(ids))
+        payload = torch.load(res / "runs" / run / "model.pt", map_location="cpu", weights_only=False)
+        rows = [json.loads(line) for line in (res / "runs" / run / "train_log.jsonl").open()]
+        assert payload["run"] == run and payload["step"] in {r["step"] for r in rows if r["phase"] == "val"}
     for table in ["main"] + [f"ablation_{a}" for a in config["ablations"]]:
         tex = (res / "tables" / f"{table}.tex").read_text()
         assert r"\toprule" in tex
         assert str(work) not in tex and "site-packages" not in tex, table  # pasted into papers: no local path
-        assert (res / "tables" / f"{table}.csv").exists()
+        csv = pd.read_csv(res / "tables" / f"{table}.csv")
+        assert len(csv) == tex.count(r"\\") - 1 and csv["runs"].notna().all(), table  # a row per body line
     # the reason a reader needs, not where this machine looked for the jars
     assert "SPICE: not computed (Stanford CoreNLP 3.6.0 jars missing)" in (res / "tables" / "main.tex").read_text()
     for fig in ("training_curves", "tradeoff", "ablations", "qualitative"):
-        assert (res / "figures" / f"{fig}.pdf").stat().st_size > 1000
-        assert (res / "figures" / f"{fig}.png").stat().st_size > 1000
+        pdf, png = res / "figures" / f"{fig}.pdf", res / "figures" / f"{fig}.png"
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 300
+        assert json.loads((res / "figures" / f"{fig}.provenance.json").read_text())["inputs"]
     for name in config["clip_models"]:  # the stand-ins say how well they retrieve
         stats = json.loads((res / "clip_models" / f"{name}.json").read_text())
         assert 0 <= stats["val"]["i2t_r1"] <= 1 and 0 <= stats["val"]["t2i_r1"] <= 1
@@ -89,7 +101,7 @@ def test_every_output_exists(demo_run):
     assert r"Fluent \%" in main and "Selected checkpoint (training step, by validation): XE " in main
     logs = {str(p.relative_to(res / "logs")) for p in (res / "logs").rglob("*.log")}
     assert {f"train/{run}.log" for run in C.runs(config)} <= logs  # one per job
-    assert {"generate/all_runs.log", "evaluate/all_runs.log", "cache_embeddings/clip.log"} <= logs
+    assert {"generate/all_runs.log", "evaluate/all_runs.log", "cache_embeddings/clip/val.log"} <= logs
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
 
 

@@ -286,7 +286,7 @@ def test_beams_are_batch_by_5_by_at_most_30(rehearsal):
     from dico import config as C
     from dico.decoding import beam_search
     from dico.features import FeatureStore
-    from dico.train import load_captioner
+    from dico.checkpoint import load_captioner
 
     work, _, _ = rehearsal
     cfg = C.validate(C.deep_merge(*[yaml.safe_load((work / c).read_text()) for c in CONFIGS]))

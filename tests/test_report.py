@@ -1,5 +1,4 @@
 """Tables, figures, the `dico report` CLI and the report targets' dry-run DAGs."""
-import argparse
 import json
 import os
 import re
@@ -13,7 +12,9 @@ import pytest
 from PIL import Image
 
 from dico import config as dc
-from dico import report
+from dico.report import figures, inputs, labels, tables
+from dico.report import table as tabular
+from worlds import run_dico
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_RUNS = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]
@@ -77,17 +78,18 @@ def splits_file(root, n_test=4):
     return path
 
 
-def cli(*argv):
-    parser = argparse.ArgumentParser(prog="dico")
-    report.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(map(str, argv)))
-    args.fn(args)
+def cli(caplog, *argv):
+    """`dico ARGV` through the shared runner (its real parser and error boundary): exit 0, else the
+    error it logged, raised as a ValueError."""
+    code, _, text = run_dico(caplog, *argv)
+    if code != 0:
+        raise ValueError(text)
 
 
 # -- tables --------------------------------------------------------------------------------------
 def test_main_table_rows_columns_bold_scale_and_spice_note(tmp_path):
-    table = report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, dataset="demo")
-    tex = report.to_latex(table)
+    table = tables.main_table(inputs.load_metrics(main_metrics(tmp_path)), SPEC, dataset="demo")
+    tex = tabular.to_latex(table)
     assert [r.key for r in table.rows] == MAIN_RUNS
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert "Method & B-4 & M & R & C & S & CLIP-S & RefCLIP-S & PAC-S & RefPAC-S \\\\" in tex
@@ -99,7 +101,7 @@ def test_main_table_rows_columns_bold_scale_and_spice_note(tmp_path):
     assert cells(tex, "XE")[0] == "30.0"  # all rows equal: nothing stands out, nothing bold
     # SPICE is null everywhere: a dash with a footnote giving the reason
     assert all(cells(tex, label)[4] == "--$^{a}$" for label in ["XE", "DiCO"])
-    assert "$^{a}$SPICE: " + report.latex_escape(SPICE_SHOWN) in tex
+    assert "$^{a}$SPICE: " + labels.latex_escape(SPICE_SHOWN) in tex
     assert "looked for" not in tex and "site-packages" not in tex  # the detail is for the log, not the paper
     assert "demo data" in table.caption and "not COCO" in table.caption
 
@@ -107,13 +109,13 @@ def test_main_table_rows_columns_bold_scale_and_spice_note(tmp_path):
 def test_a_fine_tune_that_kept_its_starting_model_is_marked(tmp_path):
     paths = main_metrics(tmp_path)
     paths[2] = write_metrics(tmp_path, "scst_clip_s", best_step=0)  # no validation improvement
-    table = report.main_table(report.load_metrics(paths), SPEC)
-    tex = report.to_latex(table)
+    table = tables.main_table(inputs.load_metrics(paths), SPEC)
+    tex = tabular.to_latex(table)
     assert row_line(tex, r"SCST (CLIP-S)$^\ddagger$")
     assert [r.label.endswith(r"$^\ddagger$") for r in table.rows] == [False, False, True, False, False]
     assert "selected checkpoint is the starting model (step 0)" in tex
-    assert list(report.to_frame(table)["best_step"]) == ["10", "10", "0", "10", "10"]
-    clean = report.to_latex(report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC))
+    assert list(tabular.to_frame(table)["best_step"]) == ["10", "10", "0", "10", "10"]
+    clean = tabular.to_latex(tables.main_table(inputs.load_metrics(main_metrics(tmp_path)), SPEC))
     assert "ddagger" not in clean
 
 
@@ -125,7 +127,7 @@ def test_main_table_fluency_column_on_demo_data_and_the_selected_steps(tmp_path)
         m["diversity"]["fluent_pct"] = fluent[run]
         m["provenance"]["run_provenance"]["best_step"] = 0 if run == "scst_clip_s" else 10 * (1 + MAIN_RUNS.index(run))
         path.write_text(json.dumps(m))
-    tex = report.to_latex(report.main_table(report.load_metrics(paths), SPEC, dataset="demo"))
+    tex = tabular.to_latex(tables.main_table(inputs.load_metrics(paths), SPEC, dataset="demo"))
     assert r"& RefPAC-S & Fluent \% \\" in tex
     assert cells(tex, "XE")[-1] == r"\textbf{91.0}" and cells(tex, r"SCST (CLIP-S)$^\ddagger$")[-1] == "42.5"  # not x100
     assert ("Selected checkpoint (training step, by validation): XE 10; SCST (CIDEr) 20; SCST (CLIP-S) 0; "
@@ -134,53 +136,53 @@ def test_main_table_fluency_column_on_demo_data_and_the_selected_steps(tmp_path)
     m = json.loads(paths[0].read_text())
     m["diversity"]["fluent_pct"] = None
     paths[0].write_text(json.dumps(m))
-    assert "Fluent" not in report.to_latex(report.main_table(report.load_metrics(paths), SPEC, dataset="demo"))
+    assert "Fluent" not in tabular.to_latex(tables.main_table(inputs.load_metrics(paths), SPEC, dataset="demo"))
 
 
 def test_main_table_keeps_only_runs_with_metrics(tmp_path):
     paths = main_metrics(tmp_path)
-    table = report.main_table(report.load_metrics([paths[4], paths[0]]), SPEC)
+    table = tables.main_table(inputs.load_metrics([paths[4], paths[0]]), SPEC)
     assert [r.key for r in table.rows] == ["xe", "dico"]  # paper order, whatever the input order
     with pytest.raises(ValueError, match="several splits"):
-        report.main_table(report.load_metrics([paths[0], write_metrics(tmp_path, "dico", split="val")]), SPEC)
+        tables.main_table(inputs.load_metrics([paths[0], write_metrics(tmp_path, "dico", split="val")]), SPEC)
 
 
 def test_reported_delta_only_where_reported(tmp_path):
     reported = tmp_path / "reported.yaml"
     reported.write_text("tables:\n  main:\n    dico: {C: 113.0, PAC-S: null}\n    xe: {B-4: null}\n"
                         "  ablation_beta:\n    0.05: {C: 100.0}\n")
-    numbers = report.load_reported(reported)
-    table = report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, numbers)
-    tex = report.to_latex(table)
+    numbers = inputs.load_reported(reported)
+    table = tables.main_table(inputs.load_metrics(main_metrics(tmp_path)), SPEC, numbers)
+    tex = tabular.to_latex(table)
     assert cells(tex, "DiCO")[3] == r"115.1 {\scriptsize(+2.1)}"
     assert cells(tex, "DiCO")[7] == r"\textbf{84.6}"  # null reported: no delta
     assert "(" not in "".join(cells(tex, "XE"))
     assert "reproduced minus the paper's reported value" in table.caption
-    frame = report.to_frame(table).set_index("row")
+    frame = tabular.to_frame(table).set_index("row")
     assert frame.loc["dico", "C_reported"] == 113.0
     assert frame.loc["dico", "C_delta"] == pytest.approx(115.1 - 113.0)
     assert pd.isna(frame.loc["xe", "C_delta"])
     # YAML reads 0.05 as a float: rows are keyed like the config formats values
     beta = tmp_path / "beta"
     files = [write_metrics(beta, r, CIDEr=1.02) for r in SPEC["ablations"]["beta"].values()]
-    abl = report.ablation_table("beta", report.load_metrics(files), SPEC, numbers)
-    assert r"(+2.0)" in row_line(report.to_latex(abl), "0.05")
+    abl = tables.ablation_table("beta", inputs.load_metrics(files), SPEC, numbers)
+    assert r"(+2.0)" in row_line(tabular.to_latex(abl), "0.05")
 
 
 def test_reported_numbers_with_an_unknown_column_fail(tmp_path):
     reported = tmp_path / "reported.yaml"
     reported.write_text("tables:\n  main:\n    dico: {CIDEr: 113.0}\n")
     with pytest.raises(ValueError, match="unknown columns"):
-        report.main_table(report.load_metrics(main_metrics(tmp_path)), SPEC, report.load_reported(reported))
+        tables.main_table(inputs.load_metrics(main_metrics(tmp_path)), SPEC, inputs.load_reported(reported))
 
 
 def test_shipped_paper_reported_yaml_is_all_null_and_matches_the_tables():
-    numbers = report.load_reported(REPO / "config" / "paper_reported.yaml")
+    numbers = inputs.load_reported(REPO / "config" / "paper_reported.yaml")
     assert set(numbers) == {"main", "ablation_beta", "ablation_tau", "ablation_k", "ablation_reward"}
-    columns = {"main": {c for c, _ in report.MAIN_COLUMNS}}
+    columns = {"main": {c for c, _ in tables.MAIN_COLUMNS}}
     for table, rows in numbers.items():
         for cols in rows.values():
-            assert set(cols) <= columns.get(table, {c for c, _ in report.ABLATION_COLUMNS})
+            assert set(cols) <= columns.get(table, {c for c, _ in tables.ABLATION_COLUMNS})
             assert all(v is None for v in cols.values()), "never invent numbers: fill them from the PDF"
 
 
@@ -188,13 +190,13 @@ def test_seeds_give_mean_and_std(tmp_path):
     ciders = [1.10, 1.16, 1.22]
     paths = [write_metrics(tmp_path, f"dico_seed{s}", seed=s, CIDEr=c) for s, c in enumerate(ciders)]
     paths.append(write_metrics(tmp_path, "xe", CIDEr=1.0))
-    table = report.main_table(report.load_metrics(paths), SPEC)
+    table = tables.main_table(inputs.load_metrics(paths), SPEC)
     dico = next(r for r in table.rows if r.key == "dico")
     assert len(dico.sources) == 3
     std = statistics.stdev([100 * c for c in ciders])
-    assert cells(report.to_latex(table), "DiCO")[3] == rf"\textbf{{116.0}}{{\scriptsize$\,\pm\,${std:.1f}}}"
+    assert cells(tabular.to_latex(table), "DiCO")[3] == rf"\textbf{{116.0}}{{\scriptsize$\,\pm\,${std:.1f}}}"
     assert "Mean $\\pm$ std over 3 seeds" in table.caption
-    frame = report.to_frame(table).set_index("row")
+    frame = tabular.to_frame(table).set_index("row")
     assert frame.loc["dico", "seeds"] == 3 and frame.loc["dico", "C_std"] == pytest.approx(std)
     assert frame.loc["dico", "runs"] == "dico_seed0;dico_seed1;dico_seed2"
 
@@ -202,31 +204,31 @@ def test_seeds_give_mean_and_std(tmp_path):
 def test_ablation_table_sorted_with_default_marked(tmp_path):
     files = [write_metrics(tmp_path, r, CIDEr=c) for r, c in
              [("dico_beta-1", 1.05), ("dico", 1.15), ("dico_beta-0.05", 1.10)]]
-    table = report.ablation_table("beta", report.load_metrics(files), SPEC, dataset="coco")
+    table = tables.ablation_table("beta", inputs.load_metrics(files), SPEC, dataset="coco")
     assert [r.key for r in table.rows] == ["0.05", "0.2", "1"]
-    tex = report.to_latex(table)
+    tex = tabular.to_latex(table)
     assert r"$\beta$ & B-4 & M & C & CLIP-S & RefCLIP-S & PAC-S & RefPAC-S \\" in tex
     assert cells(tex, r"0.2$^\dagger$")[2] == r"\textbf{115.0}"
     assert "COCO" in table.caption and r"$^\dagger$Default of DiCO (0.2)" in tex
-    reward = report.ablation_table("reward", report.load_metrics(
+    reward = tables.ablation_table("reward", inputs.load_metrics(
         [write_metrics(tmp_path / "r", r) for r in ["dico", "dico_reward-clip_s"]]), SPEC)
     assert [r.label for r in reward.rows] == [r"PAC-S$^\dagger$", "CLIP-S"]  # config order
     with pytest.raises(ValueError, match="not a point of ablation beta"):
-        report.ablation_table("beta", report.load_metrics([write_metrics(tmp_path, "scst_cider")]), SPEC)
+        tables.ablation_table("beta", inputs.load_metrics([write_metrics(tmp_path, "scst_cider")]), SPEC)
 
 
-def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path):
+def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path, caplog):
     paths = main_metrics(tmp_path / "results")
     splits = splits_file(tmp_path)
     out = tmp_path / "tables" / "main.tex"
-    cli("report", "table-main", "--spec-json", json.dumps(SPEC), "--metrics", *paths, "--splits", splits,
+    cli(caplog, "report", "table-main", "--spec-json", json.dumps(SPEC), "--metrics", *paths, "--splits", splits,
         "--out", out)
     tex, csv = out.read_text(), pd.read_csv(out.with_suffix(".csv"))
     # the CSV twin holds the printed numbers, unrounded
     assert list(csv["row"]) == MAIN_RUNS
     labels = ["XE", "SCST (CIDEr)", "SCST (CLIP-S)", "SCST (PAC-S)", "DiCO"]
     for label, (_, rec) in zip(labels, csv.iterrows()):
-        for col, shown in zip([c for c, _ in report.MAIN_COLUMNS], cells(tex, label)):
+        for col, shown in zip([c for c, _ in tables.MAIN_COLUMNS], cells(tex, label)):
             if pd.isna(rec[col]):
                 assert shown.startswith("--") and "SPICE: " + SPICE_SHOWN in rec["notes"]
             else:
@@ -243,7 +245,7 @@ def test_cli_tables_write_tex_csv_twin_and_provenance(tmp_path):
 
     abl = tmp_path / "tables" / "ablation_beta.tex"
     files = [write_metrics(tmp_path / "results", r) for r in ["dico_beta-0.05", "dico_beta-1"]]
-    cli("report", "table-ablation", "--ablation", "beta", "--spec-json", json.dumps(SPEC),
+    cli(caplog, "report", "table-ablation", "--ablation", "beta", "--spec-json", json.dumps(SPEC),
         "--metrics", *files, paths[-1], "--out", abl)
     assert len(pd.read_csv(abl.with_suffix(".csv"))) == 3 and abl.with_suffix(".provenance.json").exists()
 
@@ -263,7 +265,7 @@ def write_ood_metrics(root, run, name, **scores):
     return target
 
 
-def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path):
+def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path, caplog):
     res = tmp_path / "results"
     cider = {"nocaps_val": {"xe": 0.40, "scst_cider": 0.55, "dico": 0.47},
              "shapes_bg": {"xe": 0.30, "scst_cider": 0.33, "dico": 0.31}}
@@ -276,7 +278,7 @@ def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path):
                 p = write_ood_metrics(res, run, name, CIDEr=cider[name][run], PAC_S=pac[name][run])
                 args.append(f"{name}={p}")
     out = tmp_path / "tables" / "ood.tex"
-    cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", *args, "--out", out)
+    cli(caplog, "report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", *args, "--out", out)
     tex = out.read_text()
     body = tex.split(r"\begin{tabular}")[1]
     assert r"\multicolumn{5}{c}{nocaps val} & \multicolumn{5}{c}{Demo, unseen backgrounds} \\" in body
@@ -297,7 +299,7 @@ def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path):
             assert c == (rf"\textbf{{{want}}}" if cider[name][run] == best_c else want), (run, name, c)
             assert p_.replace(r"\textbf{", "").rstrip("}") == f"{100 * pac[name][run]:.1f}"
     # SPICE is missing for one reason in both groups: one note; the unevaluated cell has its own
-    assert tex.count("SPICE: " + report.latex_escape(SPICE_SHOWN)) == 1
+    assert tex.count("SPICE: " + labels.latex_escape(SPICE_SHOWN)) == 1
     assert tex.count("every column of the set: the run has no metrics on this set") == 1
     assert "nocaps val (100 images)" in tex and "not a real data set" in tex
     csv = pd.read_csv(out.with_suffix(".csv"))
@@ -310,27 +312,27 @@ def test_ood_table_has_a_column_group_per_set_and_the_runs_as_rows(tmp_path):
     assert len(prov["inputs"]) == 5 and prov["table"] == "ood"
 
 
-def test_ood_table_refuses_a_file_of_another_set_and_no_sets(tmp_path):
+def test_ood_table_refuses_a_file_of_another_set_and_no_sets(tmp_path, caplog):
     p = write_ood_metrics(tmp_path, "xe", "nocaps_val")
     with pytest.raises(ValueError, match="scores split 'nocaps_val', not evaluation set 'shapes_bg'"):
-        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"shapes_bg={p}",
+        cli(caplog, "report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"shapes_bg={p}",
             "--out", tmp_path / "ood.tex")
     with pytest.raises(ValueError, match="evaluate.datasets is empty"):
-        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", "--out", tmp_path / "ood.tex")
+        cli(caplog, "report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", "--out", tmp_path / "ood.tex")
     assert not (tmp_path / "ood.tex").exists()
 
 
-def test_ood_table_reported_numbers_use_set_prefixed_columns(tmp_path):
+def test_ood_table_reported_numbers_use_set_prefixed_columns(tmp_path, caplog):
     p = write_ood_metrics(tmp_path, "dico", "nocaps_val", CIDEr=0.5)
     reported = tmp_path / "reported.yaml"
     reported.write_text("tables:\n  ood:\n    dico: {nocaps_val:C: 48.0}\n")
     out = tmp_path / "ood.tex"
-    cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
+    cli(caplog, "report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
         "--reported", reported, "--out", out)
     assert cells(out.read_text(), "DiCO")[0] == r"50.0 {\scriptsize(+2.0)}"
     reported.write_text("tables:\n  ood:\n    dico: {C: 48.0}\n")
     with pytest.raises(ValueError, match=r"table ood row 'dico': unknown columns \['C'\]"):
-        cli("report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
+        cli(caplog, "report", "table-ood", "--spec-json", json.dumps(OOD_SPEC), "--metrics", f"nocaps_val={p}",
             "--reported", reported, "--out", out)
 
 
@@ -358,17 +360,17 @@ def write_captions(root, run, n):
     return path
 
 
-def test_figures_pdf_png_and_provenance(tmp_path):
+def test_figures_pdf_png_and_provenance(tmp_path, caplog):
     res, figs, spec = tmp_path / "results", tmp_path / "figures", json.dumps(SPEC)
     logs = [write_log(res, r, r != "xe") for r in MAIN_RUNS]
     metrics = main_metrics(res) + [write_metrics(res, r, CIDEr=1.1) for r in
                                    ["dico_beta-0.05", "dico_beta-1", "dico_reward-clip_s"]]
     splits = splits_file(tmp_path, n_test=4)
     captions = [write_captions(res, r, 4) for r in MAIN_RUNS]
-    cli("report", "figure-training-curves", "--spec-json", spec, "--logs", *logs, "--out", figs / "training_curves.pdf")
-    cli("report", "figure-tradeoff", "--spec-json", spec, "--metrics", *metrics, "--out", figs / "tradeoff.pdf")
-    cli("report", "figure-ablations", "--spec-json", spec, "--metrics", *metrics[4:], "--out", figs / "ablations.pdf")
-    cli("report", "figure-qualitative", "--spec-json", spec, "--captions", *captions, "--splits", splits,
+    cli(caplog, "report", "figure-training-curves", "--spec-json", spec, "--logs", *logs, "--out", figs / "training_curves.pdf")
+    cli(caplog, "report", "figure-tradeoff", "--spec-json", spec, "--metrics", *metrics, "--out", figs / "tradeoff.pdf")
+    cli(caplog, "report", "figure-ablations", "--spec-json", spec, "--metrics", *metrics[4:], "--out", figs / "ablations.pdf")
+    cli(caplog, "report", "figure-qualitative", "--spec-json", spec, "--captions", *captions, "--splits", splits,
         "--out", figs / "qualitative.pdf")
     for stem in ["training_curves", "tradeoff", "ablations", "qualitative"]:
         pdf, png = figs / f"{stem}.pdf", figs / f"{stem}.png"
@@ -384,14 +386,14 @@ def test_figures_pdf_png_and_provenance(tmp_path):
 
 
 def test_scatter_labels_avoid_each_other_and_the_markers():
-    plt = report._pyplot()
+    plt = figures._pyplot()
     fig, ax = plt.subplots(figsize=(3.5, 3.0))
     points = [(1.0, 1.0, "XE (+2)"), (1.1, 1.02, "SCST (CIDEr)"), (1.05, 0.98, "DiCO"), (2.0, 2.0, "SCST (PAC-S)"),
               (1.5, 1.5, "DiCO ($\\beta$=1)")]
     ax.scatter([p[0] for p in points], [p[1] for p in points])
     ax.margins(0.2)
     fig.canvas.draw()
-    report._place_labels(ax, points)
+    figures._place_labels(ax, points)
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert [t.get_text() for t in ax.texts] == [p[2] for p in points]
@@ -405,29 +407,31 @@ def test_scatter_labels_avoid_each_other_and_the_markers():
 def test_tradeoff_figure_names_runs_that_share_a_point(tmp_path):
     paths = main_metrics(tmp_path)
     paths[2] = write_metrics(tmp_path, "scst_clip_s", CIDEr=1.000, PAC_S=0.801)  # XE's scores
-    metrics = report.load_metrics(paths)
-    plt = report._pyplot()
+    metrics = inputs.load_metrics(paths)
+    plt = figures._pyplot()
     seen = {}
-    real_save = report.save_figure
+    real_save = figures.save_figure
 
     def keep_texts(fig, *args, **kwargs):
         seen["texts"] = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
         return real_save(fig, *args, **kwargs)
 
-    report.save_figure = keep_texts
+    figures.save_figure = keep_texts
     try:
-        report.figure_tradeoff(metrics, tmp_path / "tradeoff.pdf", SPEC)
+        figures.figure_tradeoff(metrics, tmp_path / "tradeoff.pdf", SPEC)
     finally:
-        report.save_figure = real_save
+        figures.save_figure = real_save
     assert seen["texts"].count("XE (+1)") == 2 and "SCST (CLIP-S)" not in seen["texts"]
     assert "XE (+1): also SCST (CLIP-S), same scores" in seen["texts"]
     assert plt.get_fignums() == []
 
 
-def test_ablations_figure_without_ablations(tmp_path):
-    cli("report", "figure-ablations", "--spec-json", json.dumps({**SPEC, "ablations": {}}), "--metrics",
+def test_ablations_figure_without_ablations(tmp_path, caplog):
+    cli(caplog, "report", "figure-ablations", "--spec-json", json.dumps({**SPEC, "ablations": {}}), "--metrics",
         "--out", tmp_path / "ablations.pdf")
-    assert (tmp_path / "ablations.png").stat().st_size > 0
+    assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "ablations.pdf").read_bytes()[:5] == b"%PDF-"
+    assert json.loads((tmp_path / "ablations.provenance.json").read_text())["inputs"] == []  # says so: none
 
 
 # -- workflow ------------------------------------------------------------------------------------
@@ -527,13 +531,14 @@ def test_ood_target_is_listed_and_plans_the_main_runs_on_every_set(tmp_path, dem
     jobs = planned_jobs(proc.stdout + proc.stderr)
     main = {"xe", *(f"scst_{r}" for r in demo_config["scst"]["rewards"]), "dico"}
     sets = {"shapes_bg", "shapes_colour"}
-    for rule in ("generate_ood", "evaluate_ood"):
-        assert {(wc["run"], wc["dataset"]) for r, wc in jobs if r == rule} == {(r, d) for r in main for d in sets}
+    ood = {f"ood/{d}" for d in sets}  # the {split} of an extra set in every rule that serves COCO's splits too
+    for rule in ("generate", "evaluate"):
+        assert {(wc["run"], wc["split"]) for r, wc in jobs if r == rule} == {(r, s) for r in main for s in ood}
     assert {wc["dataset"] for r, wc in jobs if r == "prepare_ood"} == sets
-    assert {wc["dataset"] for r, wc in jobs if r == "cache_features_ood"} == sets
-    assert {(wc["name"], wc["dataset"]) for r, wc in jobs if r == "cache_embeddings_ood"} == {
-        (n, d) for n in ("clip", "pac") for d in sets}
-    assert not {r for r, _ in jobs} & {"evaluate", "generate", "table_main", "table_ablation"}
+    assert {wc["split"] for r, wc in jobs if r == "cache_features" and wc["split"].startswith("ood/")} == ood
+    assert {(wc["name"], wc["split"]) for r, wc in jobs if r == "cache_embeddings" and wc["split"].startswith("ood/")} \
+        == {(n, s) for n in ("clip", "pac") for s in ood}
+    assert not {r for r, _ in jobs} & {"generate_runs", "evaluate_runs", "table_main", "table_ablation"}
     assert [r for r, _ in jobs if r.startswith("table_")] == ["table_ood"]
 
 
@@ -576,9 +581,11 @@ def test_report_rules_run_and_rebuild_only_on_their_inputs(tmp_path, demo_config
 
     targets = ["table_main", "ablation_beta", "ablation_tau", "figure_ablations"]
     snakemake(*targets, dry=False)
-    for out in ["tables/main.tex", "tables/ablation_beta.csv", "tables/ablation_tau.provenance.json",
-                "figures/ablations.pdf", "figures/ablations.png"]:
-        assert (res / out).stat().st_size > 0
+    assert r"\toprule" in (res / "tables/main.tex").read_text()
+    assert len(pd.read_csv(res / "tables/ablation_beta.csv")) == 3
+    assert json.loads((res / "tables/ablation_tau.provenance.json").read_text())["table"] == "ablation_tau"
+    assert (res / "figures/ablations.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (res / "figures/ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ablation beta table: 3 rows" in (res / "logs/report/table_ablation_beta.log").read_text()
     assert snakemake(*targets) == set()  # up to date
     # New numbers for one tau point: the tau table and the ablations figure, nothing else.

@@ -6,19 +6,19 @@ adds nothing.
 """
 import copy
 import json
-import logging
 import shutil
 
 import pytest
 import torch
 import yaml
 
-from dico import cli
 from dico import config as C
 from dico.data import load_split
-from dico.evaluate import embed_images, load_captions, load_references, score, skipped_rows
+from dico.embeddings import embed_images, skipped_rows
+from dico.metrics.inputs import load_candidates, load_references
+from dico.metrics.run_metrics import score_split
 from dico.features import cache_features
-from worlds import TINY_CONFIG, tiny_world
+from worlds import TINY_CONFIG, make_world, run_dico
 
 # the tiny worlds' config with a few steps of every training method
 CONFIG = C.deep_merge(TINY_CONFIG, {
@@ -35,27 +35,8 @@ EVAL_SPEC = {"meteor": False, "spice_jar_dir": None,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """24/6/6 demo images, a random tiny CLIP, cached features, a 4-step XE captioner, a config file."""
-    from dico import config as C
-    from dico.train import train_xe
-
-    root = tmp_path_factory.mktemp("robust")
-    ev = tiny_world(root, n_train=24, n_val=6, n_test=6, seed=2)
-    for split in ("train", "val", "test"):
-        cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
-                       root / "features" / split, shard_size=8, batch_size=8, log=lambda *a: None)
-    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    spec = C.run_spec(C.validate(copy.deepcopy(CONFIG)), "xe")
-    feats = {s: str(root / "features" / s / "index.json") for s in ("train", "val")}
-    train_xe(spec, root / "splits.json", feats, root / "xe" / "work", root / "xe" / "model.pt",
-             root / "xe" / "log.jsonl", device="cpu", log=lambda *a: None)
-    return {"root": root, "ev": ev}
-
-
-def run_cli(caplog, *argv) -> tuple[int, str]:
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dico"):
-        code = cli.main([str(a) for a in argv])
-    return code, caplog.text
+    return make_world(tmp_path_factory.mktemp("robust"), n_train=24, n_val=6, n_test=6, seed=2,
+                      features=("train", "val", "test"), config=CONFIG, xe_runs=("xe",))
 
 
 def _splits_with(world, tmp_path, split: str, index: int, file) -> str:
@@ -84,36 +65,38 @@ def test_bad_config_value_exits_2_naming_key_and_allowed_values(world, tmp_path,
     from dico.config import deep_merge
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(deep_merge(CONFIG, override)))
-    code, text = run_cli(caplog, "train", "xe", "--config", tmp_path / "bad.yaml", "--splits", "s",
+    code, _, text = run_dico(caplog, "train", "xe", "--config", tmp_path / "bad.yaml", "--splits", "s",
                          "--features-train", "a", "--features-val", "b", "--out-model", "m", "--out-log", "l")
     assert code == 2
     assert "bad.yaml: invalid configuration" in text and message in text
 
 
 def test_missing_config_file_exits_2(caplog, tmp_path):
-    code, text = run_cli(caplog, "cache-features", "--config", tmp_path / "nope.yaml", "--splits", "s",
+    code, _, text = run_dico(caplog, "cache-features", "--config", tmp_path / "nope.yaml", "--splits", "s",
                          "--split", "train", "--out-dir", "o")
     assert code == 2 and "nope.yaml: config file not found" in text
 
 
 def test_config_that_is_not_yaml_exits_2(caplog, tmp_path):
     (tmp_path / "bad.yaml").write_text("xe: {steps: 5\n")
-    code, text = run_cli(caplog, "cache-features", "--config", tmp_path / "bad.yaml", "--splits", "s",
+    code, _, text = run_dico(caplog, "cache-features", "--config", tmp_path / "bad.yaml", "--splits", "s",
                          "--split", "train", "--out-dir", "o")
     assert code == 2 and "bad.yaml: not valid YAML" in text
 
 
 def test_unknown_run_name_exits_2_listing_the_runs(world, caplog):
-    code, text = run_cli(caplog, "train", "ppo", "--config", world["root"] / "config.yaml", "--splits", "s",
+    code, _, text = run_dico(caplog, "train", "ppo", "--config", world["root"] / "config.yaml", "--splits", "s",
                          "--features-train", "a", "--features-val", "b", "--out-model", "m", "--out-log", "l")
     assert code == 2 and "unknown run 'ppo'; runs of this config: xe, scst_cider, dico" in text
 
 
 # -- images ---------------------------------------------------------------------------------------
 def _cache_cli(world, caplog, tmp_path, splits, config=None):
-    return run_cli(caplog, "cache-features", "--config", config or world["root"] / "config.yaml",
-                   "--splits", splits, "--split", "train", "--checkpoint", world["root"] / "clip.pt",
-                   "--out-dir", tmp_path / "features", "--threads", "1")
+    """(exit code, log) of `dico cache-features` of the train split of `splits`."""
+    code, _, text = run_dico(caplog, "cache-features", "--config", config or world["root"] / "config.yaml",
+                            "--splits", splits, "--split", "train", "--checkpoint", world["root"] / "clip.pt",
+                            "--out-dir", tmp_path / "features", "--threads", "1")
+    return code, text
 
 
 def test_missing_image_names_file_split_and_image_root(world, tmp_path, caplog):
@@ -173,9 +156,9 @@ def test_skipped_image_is_left_out_of_every_metric(world, tmp_path):
                         log=lines.append)
     assert skipped_rows(embs) == [2] and lines[0].startswith("skipped 1 of 6 images")
     captions = {r.image_id: r.captions[0] for r in records}
-    got = score(captions, broken, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs})
+    got = score_split(captions, broken, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs})
     kept = [r for i, r in enumerate(records) if i != 2]
-    want = score(captions, kept, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs[[0, 1, 3, 4, 5]]})
+    want = score_split(captions, kept, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs[[0, 1, 3, 4, 5]]})
     assert got["metrics"] == want["metrics"] and got["diversity"] == want["diversity"]
     assert got["skipped_images"] == [records[2].image_id] and got["n_scored"] == 5
     assert "left out of every metric" in got["reasons"]["skipped_images"]
@@ -184,23 +167,25 @@ def test_skipped_image_is_left_out_of_every_metric(world, tmp_path):
 # -- captions and references ----------------------------------------------------------------------
 @pytest.mark.parametrize("content,message", [
     ('[{"image_id": 1, "caption": "a"},', r"caps.json: not valid JSON \(line 1, column 34: Expecting value\)"),
-    ('{"image_id": 1, "caption": "a"}', r"expected a JSON list of \{'image_id', 'caption'\} objects"),
+    ('{"image_id": 1, "caption": "a"}', r"caps.json: entry 'image_id' is a int, not a caption string; give a COCO "
+                                        r"results list"),
     ('[{"image_id": 1, "caption": "a"}, {"image_id": 2, "text": "b"}]',
-     r"entry 1 is not an \{'image_id': int, 'caption': str\} object"),
-    ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', r"entry 1: image_id 1 appears twice"),
+     r'caps.json: entry \[1\] is not an \{"image_id": int or str, "caption": str\} object'),
+    ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]',
+     r"caps.json: entry \[1\]: image_id 1 has a second caption; keep one caption per image"),
 ], ids=["not-json", "not-a-list", "missing-caption", "duplicate-id"])
 def test_malformed_captions_json_names_the_entry(tmp_path, content, message):
     (tmp_path / "caps.json").write_text(content)
     with pytest.raises(ValueError, match=message):
-        load_captions(tmp_path / "caps.json")
+        load_candidates(tmp_path / "caps.json")
 
 
 def test_malformed_captions_via_evaluate_exits_1(world, tmp_path, caplog):
     (tmp_path / "caps.json").write_text('[{"image_id": 1}]')
-    code, text = run_cli(caplog, "evaluate", "--config", world["root"] / "config.yaml", "--captions",
+    code, _, text = run_dico(caplog, "evaluate", "--config", world["root"] / "config.yaml", "--captions",
                          tmp_path / "caps.json", "--splits", world["root"] / "splits.json", "--clip-model",
                          f"clip={world['root'] / 'clip.pt'}", "--out", tmp_path / "m.json")
-    assert code == 1 and "caps.json: entry 0 is not an {'image_id': int, 'caption': str} object" in text
+    assert code == 1 and 'caps.json: entry [0] is not an {"image_id": int or str, "caption": str} object' in text
 
 
 def test_malformed_karpathy_references_name_the_entry(tmp_path):
@@ -213,13 +198,13 @@ def test_malformed_karpathy_references_name_the_entry(tmp_path):
 
 def test_malformed_coco_annotations_name_the_entry(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a"}, {"id": 3}]}))
-    with pytest.raises(ValueError, match=r"annotations\[1\] is not an \{'image_id': int, 'caption': str\}"):
+    with pytest.raises(ValueError, match=r'ann.json: annotations\[1\] is not an \{"image_id", "caption": str\} object'):
         load_references(tmp_path / "ann.json")
 
 
 def test_karpathy_file_missing_a_key_names_the_entry_via_prepare_splits(tmp_path, caplog):
     (tmp_path / "k.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train"}]}))
-    code, text = run_cli(caplog, "prepare-splits", "--karpathy-json", tmp_path / "k.json", "--image-root", "x",
+    code, _, text = run_dico(caplog, "prepare-splits", "--karpathy-json", tmp_path / "k.json", "--image-root", "x",
                          "--out", tmp_path / "s.json")
     assert code == 1 and "k.json: images[0]: missing key 'sentences'" in text
 
@@ -231,14 +216,16 @@ def test_java_missing_says_how_to_install_it(world, monkeypatch, tmp_path):
     embs = embed_images(world["ev"], [r.path for r in records], progress=False)
     with pytest.raises(RuntimeError, match=r"Java not found on PATH: .* install openjdk \(apt-get install "
                                            r"default-jre-headless, or the eval conda env"):
-        score({r.image_id: "a cat" for r in records}, records, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs})
+        score_split({r.image_id: "a cat" for r in records}, records, EVAL_SPEC, {"clip": world["ev"]}, {"clip": embs})
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
 def _generate(world, caplog, tmp_path, model, features="test", split="test"):
-    return run_cli(caplog, "generate", "--config", world["root"] / "config.yaml", "--model", model,
-                   "--splits", world["root"] / "splits.json", "--split", split, "--features",
-                   world["root"] / "features" / features / "index.json", "--out", tmp_path / "caps.json")
+    """(exit code, log) of `dico generate` of `model` on `split`."""
+    code, _, text = run_dico(caplog, "generate", "--config", world["root"] / "config.yaml", "--model", model,
+                             "--splits", world["root"] / "splits.json", "--split", split, "--features",
+                             world["root"] / "features" / features / "index.json", "--out", tmp_path / "caps.json")
+    return code, text
 
 
 def test_generate_runs_on_the_good_inputs(world, tmp_path, caplog):  # the baseline of the tests below
@@ -259,14 +246,13 @@ def test_truncated_captioner_checkpoint_says_it_was_probably_killed(world, tmp_p
 def test_truncated_clip_checkpoint_names_the_file(world, tmp_path, caplog):
     data = (world["root"] / "clip.pt").read_bytes()
     (tmp_path / "clip.pt").write_bytes(data[: len(data) // 3])
-    code, text = run_cli(caplog, "cache-features", "--config", world["root"] / "config.yaml", "--splits",
+    code, _, text = run_dico(caplog, "cache-features", "--config", world["root"] / "config.yaml", "--splits",
                          world["root"] / "splits.json", "--split", "val", "--checkpoint", tmp_path / "clip.pt",
                          "--out-dir", tmp_path / "f")
     assert code == 1 and f"{tmp_path / 'clip.pt'} is not a readable PyTorch checkpoint (truncated or corrupt?)" in text
 
 
 def test_corrupt_last_checkpoint_is_set_aside_and_training_restarts(world, tmp_path, capsys):
-    from dico import config as C
     from dico.train import train_xe
 
     work = tmp_path / "work"
@@ -284,7 +270,6 @@ def test_corrupt_last_checkpoint_is_set_aside_and_training_restarts(world, tmp_p
 def test_last_checkpoint_of_other_settings_is_not_resumed(world, tmp_path):
     """A last.pt written with another model width (config edited between runs) is not loaded into the new
     model: the run starts over and says why."""
-    from dico import config as C
     from dico.train import train_xe
 
     feats = {s: str(world["root"] / "features" / s / "index.json") for s in ("train", "val")}
@@ -319,7 +304,7 @@ def test_features_of_another_backbone_are_rejected(world, tmp_path, caplog):
     shutil.copytree(world["root"] / "features" / "test", other)
     index = json.loads((other / "index.json").read_text())
     (other / "index.json").write_text(json.dumps({**index, "backbone": "clip_l14"}))
-    code, text = run_cli(caplog, "generate", "--config", world["root"] / "config.yaml", "--model",
+    code, _, text = run_dico(caplog, "generate", "--config", world["root"] / "config.yaml", "--model",
                          world["root"] / "xe" / "model.pt", "--splits", world["root"] / "splits.json", "--split",
                          "test", "--features", other / "index.json", "--out", tmp_path / "caps.json")
     assert code == 1
@@ -339,7 +324,7 @@ def test_empty_split_in_the_karpathy_file_is_named(tmp_path, caplog):
     images = [{"filename": f"{i}.jpg", "cocoid": i, "split": s, "sentences": [{"raw": "a cat"}]}
               for i, s in enumerate(["train", "val"])]
     (tmp_path / "k.json").write_text(json.dumps({"images": images}))
-    code, text = run_cli(caplog, "prepare-splits", "--karpathy-json", tmp_path / "k.json", "--image-root", "x",
+    code, _, text = run_dico(caplog, "prepare-splits", "--karpathy-json", tmp_path / "k.json", "--image-root", "x",
                          "--out", tmp_path / "s.json")
     assert code == 1 and "k.json: split 'test' is empty; every one of train, val, test needs images" in text
 
@@ -348,7 +333,7 @@ def test_empty_split_in_the_split_file_is_named(world, tmp_path, caplog):
     data = json.loads((world["root"] / "splits.json").read_text())
     data["splits"]["val"] = []
     (tmp_path / "s.json").write_text(json.dumps(data))
-    code, text = run_cli(caplog, "cache-features", "--config", world["root"] / "config.yaml", "--splits",
+    code, _, text = run_dico(caplog, "cache-features", "--config", world["root"] / "config.yaml", "--splits",
                          tmp_path / "s.json", "--split", "val", "--checkpoint", world["root"] / "clip.pt",
                          "--out-dir", tmp_path / "f")
     assert code == 1 and "s.json: split 'val' is empty; it needs at least one image" in text
@@ -356,13 +341,13 @@ def test_empty_split_in_the_split_file_is_named(world, tmp_path, caplog):
 
 def test_nothing_to_score_is_an_error_not_a_zero(world):
     with pytest.raises(ValueError, match="no images to score"):
-        score({}, [], EVAL_SPEC, {"clip": world["ev"]}, {"clip": torch.zeros(0, 32)})
+        score_split({}, [], EVAL_SPEC, {"clip": world["ev"]}, {"clip": torch.zeros(0, 32)})
 
 
 def test_references_without_the_requested_split_are_an_error(tmp_path):
     (tmp_path / "refs.json").write_text(json.dumps({"images": [
         {"cocoid": 1, "split": "train", "sentences": [{"raw": "a cat"}]}]}))
-    with pytest.raises(ValueError, match=r"refs.json: no references for split 'test'; check --split"):
+    with pytest.raises(ValueError, match=r"refs.json: no references in split 'test'; check --split"):
         load_references(tmp_path / "refs.json", "test")
 
 

@@ -2,7 +2,6 @@
 called directly, CLIP-S/PAC-S recomputed the way pacscore's pac_score.py does (torchvision transform,
 open_clip tokenizer, numpy), SciPy's kendalltau and the brute-force definitions of Kendall's tau."""
 import json
-import logging
 import math
 import random
 import re
@@ -13,12 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from dico import cli, metrics, score as S
-from dico.evaluate import METRIC_KEYS
-from dico.demo_clip import build_tiny_clip, tiny_clip_config
-from dico.evaluator import CLIP_MEAN, CLIP_STD, save_evaluator
-from dico.metrics import coco_scores, ptb_tokenize_pairs
+from dico.clip_model import CLIP_MEAN, CLIP_STD
+from dico.clip_weights import save_evaluator
+from dico.demo.clip import build_tiny_clip, tiny_clip_config
+from dico.metrics import coco
+from dico.metrics.coco import coco_scores, ptb_tokenize_pairs
+from dico.metrics.correlation import kendall
+from dico.metrics.inputs import load_inputs, load_references
+from dico.metrics.keys import COCO_SUITE, METRICS, TABLE_KEYS
+from dico.metrics.score_files import score_files
 from test_metrics import CANDS, REFS
+from worlds import run_dico
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="no java")
 PREFIX = "A photo depicts "
@@ -128,21 +132,13 @@ def pycocoevalcap_per_image(refs: list, cands: list):
     return corpus, {k: list(v) for k, v in per.items()}
 
 
-def run_cli(caplog, capsys, *argv):
-    caplog.clear()
-    capsys.readouterr()
-    with caplog.at_level(logging.INFO, logger="dico"):
-        code = cli.main(["score", *map(str, argv)])
-    return code, capsys.readouterr().out, caplog.text
-
-
 # -- pacscore's example: the README's numbers ------------------------------------------------------
 @needs_java
 def test_pacscore_example_gives_the_numbers_of_its_readme(world, caplog, capsys, tmp_path):
     ex = world["ex"]
     for cands, want in (("good_captions.json", README_GOOD), ("bad_captions.json", README_BAD)):
-        code, out, log = run_cli(caplog, capsys, "--captions", ex / cands, "--refs", ex / "refs.json",
-                                 "--metrics", "bleu,meteor,rouge,cider", "--out", tmp_path / "m.json")
+        code, out, log = run_dico(caplog, "score", "--captions", ex / cands, "--refs", ex / "refs.json",
+                                 "--metrics", "bleu,meteor,rouge,cider", "--out", tmp_path / "m.json", capsys=capsys)
         assert code == 0, log
         got = json.loads((tmp_path / "m.json").read_text())["metrics"]
         for k, v in want.items():
@@ -181,13 +177,13 @@ def test_one_jvm_start_tokenises_references_and_candidates_alike(monkeypatch):
     assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 1
 
     # ptb_prefetch: one JVM for many later calls (dico evaluate of several runs), the same tokens
-    monkeypatch.setattr(metrics, "_PTB_KNOWN", {})
-    metrics.ptb_prefetch([c for caps in REFS.values() for c in caps] + list(CANDS.values()))
+    monkeypatch.setattr(coco, "_PTB_KNOWN", {})
+    coco.ptb_prefetch([c for caps in REFS.values() for c in caps] + list(CANDS.values()))
     assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 2
     assert ptb_tokenize_pairs(REFS, CANDS) == (want_refs, want_cands)
     assert len([c for c in starts if "edu.stanford.nlp.process.PTBTokenizer" in c]) == 2  # no JVM started
     other = {7: ["A caption nobody prefetched."]}
-    assert metrics.ptb_tokenize(other) == PTBTokenizer().tokenize({7: [{"caption": other[7][0]}]})
+    assert coco.ptb_tokenize(other) == PTBTokenizer().tokenize({7: [{"caption": other[7][0]}]})
 
 
 # -- input formats ----------------------------------------------------------------------------------
@@ -246,7 +242,7 @@ def _coco_files(root):
 ], ids=["coco-annotations", "karpathy", "split-file", "string-ids", "file-names", "coco-id-lookup"])
 def test_every_reference_format_gives_the_same_entries(tmp_path, cands, refs, split, images):
     files = _coco_files(tmp_path)
-    entries, summary = S.load_inputs(files[cands], files[refs], split,
+    entries, summary = load_inputs(files[cands], files[refs], split,
                                      tmp_path / images if images else (tmp_path if refs == "split_file" else None))
     assert [e.caption for e in entries] == CAPS
     assert [e.refs for e in entries] == REFS3
@@ -258,28 +254,28 @@ def test_every_reference_format_gives_the_same_entries(tmp_path, cands, refs, sp
 
 def test_pacscore_layout_and_image_extensions(world, tmp_path):
     ex = world["ex"]
-    entries, summary = S.load_inputs(ex / "good_captions.json", ex / "refs.json", None, ex / "images")
+    entries, summary = load_inputs(ex / "good_captions.json", ex / "refs.json", None, ex / "images")
     assert [e.id for e in entries] == ["image1", "image2"] and summary["refs_format"] == "pacscore"
     assert [e.image.name for e in entries] == ["image1.jpg", "image2.jpg"]
     assert entries[1].caption == "'Two beige dogs are playing in the grass near a doghouse .'"
     imgs = tmp_path / "imgs"
     _image(imgs / "image1.png", 1)
     _image(imgs / "sub" / "image2.jpeg", 2)
-    entries, _ = S.load_inputs(ex / "good_captions.json", ex / "refs.json", None, imgs)
+    entries, _ = load_inputs(ex / "good_captions.json", ex / "refs.json", None, imgs)
     assert [e.image.relative_to(imgs).as_posix() for e in entries] == ["image1.png", "sub/image2.jpeg"]
     # COCO 2017 names (000000391895.jpg) by id
     files = _coco_files(tmp_path / "coco")
     for i in COCO_IDS:
         _image(tmp_path / "val2017" / f"{i:012d}.jpg", i)
-    entries, _ = S.load_inputs(files["results"], files["pacs_refs"], None, tmp_path / "val2017")
+    entries, _ = load_inputs(files["results"], files["pacs_refs"], None, tmp_path / "val2017")
     assert [e.image.name for e in entries] == [f"{i:012d}.jpg" for i in COCO_IDS]
 
 
 def test_karpathy_split_selects_images(tmp_path):
     files = _coco_files(tmp_path)
-    assert len(S.load_references(files["karpathy"], "test").refs) == 3
-    assert list(S.load_references(files["karpathy"], "train").refs) == [9]
-    assert len(S.load_references(files["karpathy"]).refs) == 5
+    assert len(load_references(files["karpathy"], "test").refs) == 3
+    assert list(load_references(files["karpathy"], "train").refs) == [9]
+    assert len(load_references(files["karpathy"]).refs) == 5
 
 
 @needs_java
@@ -288,7 +284,7 @@ def test_every_format_scores_the_same(tmp_path):
     want, _ = pycocoevalcap_per_image(REFS3, CAPS)
     for cands, refs, split in (("results", "captions_val", None), ("results", "karpathy", "test"),
                                ("by_name", "split_file", "test"), ("results_str", "pacs_refs", None)):
-        got = S.score_files(files[cands], files[refs], split=split, metrics="bleu,rouge,cider")["metrics"]
+        got = score_files(files[cands], files[refs], split=split, metrics="bleu,rouge,cider")["metrics"]
         for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
             assert got[k] == pytest.approx(want[k], abs=1e-12), (cands, refs, k)
 
@@ -303,16 +299,16 @@ SUBSETS = {
 
 @pytest.mark.parametrize("metrics", list(SUBSETS))
 def test_each_metric_subset_computes_exactly_what_was_asked(world, metrics):
-    if shutil.which("java") is None and any(m in metrics for m in S.COCO):
+    if shutil.which("java") is None and any(m in metrics for m in COCO_SUITE):
         pytest.skip("no java")
     ex = world["ex"]
-    r = S.score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images", metrics=metrics,
+    r = score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images", metrics=metrics,
                       clip=world["clip"], pac=world["clip"])
     computed = {k for k, v in r["metrics"].items() if v is not None}
     assert computed == SUBSETS[metrics]
     asked = metrics.split(",")
-    for k in set(METRIC_KEYS) - computed:
-        if not any(k in S.KEYS[m] for m in asked):
+    for k in set(TABLE_KEYS) - computed:
+        if not any(k in METRICS[m] for m in asked):
             assert r["reasons"][k] == "not requested (--metrics)"
     if metrics == "spice":
         assert r["reasons"]["SPICE"].startswith("not computed (Stanford CoreNLP 3.6.0 jars missing); looked for")
@@ -321,7 +317,7 @@ def test_each_metric_subset_computes_exactly_what_was_asked(world, metrics):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_clip_s_and_pac_s_equal_the_pacscore_computation(world, workers):
     ex = world["ex"]
-    r = S.score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images",
+    r = score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images",
                       metrics="clip-s,refclip-s,pac-s,refpac-s", clip=world["clip"], pac=world["clip"],
                       workers=workers, batch_size=1)
     refs = json.loads(PACS_REFS)
@@ -338,12 +334,12 @@ def test_clip_s_and_pac_s_equal_the_pacscore_computation(world, workers):
 @needs_java
 def test_default_runs_everything_that_can_run_and_says_why_not_the_rest(world, caplog, capsys, tmp_path):
     ex = world["ex"]
-    code, out, log = run_cli(caplog, capsys, "--captions", ex / "good_captions.json", "--refs", ex / "refs.json",
+    code, out, log = run_dico(caplog, "score", "--captions", ex / "good_captions.json", "--refs", ex / "refs.json",
                              "--images", ex / "images", "--pac", world["clip"], "--out", tmp_path / "m.json",
-                             "--per-caption", tmp_path / "s.csv")
+                             "--per-caption", tmp_path / "s.csv", capsys=capsys)
     assert code == 0, log
     m = json.loads((tmp_path / "m.json").read_text())
-    assert list(m["metrics"]) == list(METRIC_KEYS)          # the keys of the pipeline's metrics JSONs
+    assert list(m["metrics"]) == list(TABLE_KEYS)          # the keys of the pipeline's metrics JSONs
     assert {k for k, v in m["metrics"].items() if v is None} == {"SPICE", "CLIP-S", "RefCLIP-S"}
     assert m["reasons"]["CLIP-S"] == "not computed: needs --clip PATH (OpenAI CLIP ViT-B/32 (ViT-B-32.pt) or ARCH:PRETRAINED)"
     for k, v in README_GOOD.items():
@@ -352,7 +348,7 @@ def test_default_runs_everything_that_can_run_and_says_why_not_the_rest(world, c
     assert m["n_images"] == 2 and m["extra"]["BLEU-2"] > 0
     # stdout: the paper's column order, BLEU-1 first
     rows = [line.split()[0] for line in out.strip().splitlines()[1:]]
-    assert rows == list(S.TABLE)
+    assert rows == list(TABLE_KEYS)
     # --per-caption: one row per image, every metric with a per-image value
     import csv
 
@@ -368,7 +364,7 @@ def test_default_runs_everything_that_can_run_and_says_why_not_the_rest(world, c
 def test_without_java_the_coco_metrics_say_so(world, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     ex = world["ex"]
-    r = S.score_files(ex / "good_captions.json", ex / "refs.json", metrics="cider,pac-s", images=ex / "images",
+    r = score_files(ex / "good_captions.json", ex / "refs.json", metrics="cider,pac-s", images=ex / "images",
                       pac=world["clip"])
     assert r["metrics"]["CIDEr"] is None and r["metrics"]["PAC-S"] is not None
     assert r["reasons"]["CIDEr"].startswith("not computed: Java not found on PATH")
@@ -399,7 +395,7 @@ def _write(path, obj):
 def test_bad_inputs_name_the_file_the_entry_and_the_fix(world, tmp_path, caplog, capsys, cands, refs, message):
     c = _write(tmp_path / "cands.json", cands)
     r = _write(tmp_path / "refs.json", refs) if refs is not None else _write(tmp_path / "refs.json", PACS_REFS)
-    code, _, log = run_cli(caplog, capsys, "--captions", c, "--refs", r, "--metrics", "bleu")
+    code, _, log = run_dico(caplog, "score", "--captions", c, "--refs", r, "--metrics", "bleu", capsys=capsys)
     assert code == 1
     assert re.search(message, log), log
 
@@ -407,8 +403,8 @@ def test_bad_inputs_name_the_file_the_entry_and_the_fix(world, tmp_path, caplog,
 def test_reference_without_an_image(world, tmp_path, caplog, capsys):
     imgs = tmp_path / "imgs"
     _image(imgs / "image1.jpg", 1)
-    code, _, log = run_cli(caplog, capsys, "--captions", world["ex"] / "good_captions.json", "--refs",
-                           world["ex"] / "refs.json", "--images", imgs, "--clip", world["clip"])
+    code, _, log = run_dico(caplog, "score", "--captions", world["ex"] / "good_captions.json", "--refs",
+                           world["ex"] / "refs.json", "--images", imgs, "--clip", world["clip"], capsys=capsys)
     assert code == 1
     assert "refs.json: image 'image2' (candidate 'image2') has no file under --images" in log
     assert "looked for image2.jpg/.png/..." in log and "--metrics bleu,meteor,rouge,cider,spice" in log
@@ -418,8 +414,8 @@ def test_image_that_will_not_decode(world, tmp_path, caplog, capsys):
     imgs = tmp_path / "imgs"
     _image(imgs / "image1.jpg", 1)
     (imgs / "image2.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    code, _, log = run_cli(caplog, capsys, "--captions", world["ex"] / "good_captions.json", "--refs",
-                           world["ex"] / "refs.json", "--images", imgs, "--metrics", "clip-s", "--clip", world["clip"])
+    code, _, log = run_dico(caplog, "score", "--captions", world["ex"] / "good_captions.json", "--refs",
+                           world["ex"] / "refs.json", "--images", imgs, "--metrics", "clip-s", "--clip", world["clip"], capsys=capsys)
     assert code == 1
     assert f"image {imgs / 'image2.jpg'} cannot be decoded" in log
     assert "Replace the file, or remove its entry from the candidates" in log
@@ -429,8 +425,8 @@ def test_two_files_for_one_image_name(world, tmp_path, caplog, capsys):
     imgs = tmp_path / "imgs"
     for name in ("image1.jpg", "image1.png", "image2.jpg"):
         _image(imgs / name, 1)
-    code, _, log = run_cli(caplog, capsys, "--captions", world["ex"] / "good_captions.json", "--refs",
-                           world["ex"] / "refs.json", "--images", imgs, "--metrics", "clip-s", "--clip", world["clip"])
+    code, _, log = run_dico(caplog, "score", "--captions", world["ex"] / "good_captions.json", "--refs",
+                           world["ex"] / "refs.json", "--images", imgs, "--metrics", "clip-s", "--clip", world["clip"], capsys=capsys)
     assert code == 1 and "2 files match image 'image1'" in log and "keep one" in log
 
 
@@ -451,7 +447,7 @@ def test_bad_options(world, caplog, capsys, monkeypatch, tmp_path, argv, message
     monkeypatch.chdir(tmp_path)
     ex = world["ex"]
     base = [] if "--correlation" in argv else ["--captions", ex / "good_captions.json", "--refs", ex / "refs.json"]
-    code, _, log = run_cli(caplog, capsys, *base, "--images", ex / "images", *argv)
+    code, _, log = run_dico(caplog, "score", *base, "--images", ex / "images", *argv, capsys=capsys)
     assert code == 1 and message in log, log
 
 
@@ -460,8 +456,8 @@ def test_pac_s_plus_plus_lora_checkpoint_is_refused(world, tmp_path, caplog, cap
     sd["transformer.resblocks.0.attn.q_proj.lora_A"] = torch.zeros(4, 64)
     torch.save({"state_dict": sd}, tmp_path / "PAC++_clip_ViT-B-32.pth")
     ex = world["ex"]
-    code, _, log = run_cli(caplog, capsys, "--captions", ex / "good_captions.json", "--refs", ex / "refs.json",
-                           "--images", ex / "images", "--metrics", "pac-s", "--pac", tmp_path / "PAC++_clip_ViT-B-32.pth")
+    code, _, log = run_dico(caplog, "score", "--captions", ex / "good_captions.json", "--refs", ex / "refs.json",
+                           "--images", ex / "images", "--metrics", "pac-s", "--pac", tmp_path / "PAC++_clip_ViT-B-32.pth", capsys=capsys)
     assert code == 1 and "a PAC-S++ checkpoint (LoRA adapters), which dico score does not support" in log
 
 
@@ -488,7 +484,7 @@ def test_kendall_equals_the_pair_counting_definitions():
         n = rng.randint(5, 60)
         x = [rng.choice([0.1, 0.2, 0.3, 0.5]) if rng.random() < 0.4 else rng.random() for _ in range(n)]
         y = [rng.choice([1.0, 2.0, 3.0, 4.0]) for _ in range(n)]
-        t = S.kendall(x, y)
+        t = kendall(x, y)
         b, c = brute_force_tau(x, y)
         assert t["tau_b"] == pytest.approx(b, abs=1e-9) and t["tau_c"] == pytest.approx(c, abs=1e-9)
 
@@ -522,9 +518,9 @@ def test_correlation_equals_scipy_on_independently_computed_scores(world, tmp_pa
     from scipy.stats import kendalltau
 
     path, data = _flickr8k_file(tmp_path)
-    code, out, log = run_cli(caplog, capsys, "--correlation", path, "--images", tmp_path / "images",
+    code, out, log = run_dico(caplog, "score", "--correlation", path, "--images", tmp_path / "images",
                              "--metrics", "bleu,meteor,rouge,cider,pac-s,refpac-s", "--pac", world["clip"],
-                             "--out", tmp_path / "c.json", "--per-caption", tmp_path / "c.csv")
+                             "--out", tmp_path / "c.json", "--per-caption", tmp_path / "c.csv", capsys=capsys)
     assert code == 0, log
     got = json.loads((tmp_path / "c.json").read_text())
     # the reference: entries as pacscore's Flickr8k dataset builds them, scored by pycocoevalcap and
@@ -554,8 +550,8 @@ def test_correlation_equals_scipy_on_independently_computed_scores(world, tmp_pa
 def test_correlation_file_errors(tmp_path, caplog, capsys):
     bad = _write(tmp_path / "j.json", {"a": {"image_path": "x.jpg", "ground_truth": ["a dog"],
                                              "human_judgement": [{"caption": "a dog", "rating": "high"}]}})
-    code, _, log = run_cli(caplog, capsys, "--correlation", bad, "--metrics", "bleu")
+    code, _, log = run_dico(caplog, "score", "--correlation", bad, "--metrics", "bleu", capsys=capsys)
     assert code == 1 and "j.json: entry 'a'.human_judgement[0]: rating 'high' is not a number" in log
     bad = _write(tmp_path / "j.json", [{"caption": "a dog"}])
-    code, _, log = run_cli(caplog, capsys, "--correlation", bad)
+    code, _, log = run_dico(caplog, "score", "--correlation", bad, capsys=capsys)
     assert code == 1 and "j.json: unknown human-judgement format; expected" in log

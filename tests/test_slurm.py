@@ -27,11 +27,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ["Snakefile", "workflow", "config", "envs", "slurm"]
 GPU_RULES = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
-             "generate": 1, "evaluate": 1, "cache_features_ood": 1, "cache_embeddings_ood": 1, "generate_ood": 1,
-             "evaluate_ood": 1}
+             "generate": 1, "evaluate": 1}
 STAGES = ["prepare_splits", "cache_features", "cache_embeddings", "train_xe", "train_scst", "train_dico",
           "generate", "evaluate", "table_main", "table_ablation", "figure_training_curves", "figure_tradeoff",
-          "figure_ablations", "figure_qualitative", "prepare_ood", "generate_ood", "evaluate_ood", "table_ood"]
+          "figure_ablations", "figure_qualitative", "prepare_ood", "table_ood"]
 
 
 def _env(**extra):
@@ -108,20 +107,21 @@ def test_profile_plans_the_whole_paper(paper_plan):
         default = {"beta": 0.2, "tau": 300, "k": 5, "reward": "pac_s"}[name]
         runs |= {f"dico_{name}-{v}" for v in values if v != paper.get("dico", {}).get(name, default)}
     assert counts["train_dico"] == len([r for r in runs if r.startswith("dico")]), dict(counts)
-    assert counts["generate"] == counts["evaluate"] == len(runs), dict(counts)
     assert counts["table_ablation"] == len(paper["ablations"]), dict(counts)
-    # every run on each extra evaluation set, whose annotations are downloaded and split files prepared
+    # every run captioned and scored on val, test and each extra evaluation set (one job per run and split,
+    # one rule for all: the sets' annotations are downloaded and their split files prepared)
     sets = list(paper["evaluate"]["datasets"])
     assert set(sets) == {"nocaps_val", "flickr30k_test"}
-    assert counts["generate_ood"] == counts["evaluate_ood"] == len(runs) * len(sets), dict(counts)
+    splits = len(paper["evaluate"].get("splits", ["val", "test"])) + len(sets)
+    assert counts["generate"] == counts["evaluate"] == len(runs) * splits, dict(counts)
+    assert not {r for r in counts if r.endswith(("_ood", "_official")) and r not in ("prepare_ood", "table_ood")}
     assert counts["prepare_ood"] == len(sets) and counts["table_ood"] == 1
     assert {f"download_ood_{s}" for s in sets} <= downloads
     shells = [j["shell"] for j in jobs]
     assert any("--splits results/data/ood/nocaps_val/splits.json --split nocaps_val" in c for c in shells)
     assert any(c.startswith("dico download zip") and "--member dataset_flickr30k.json" in c for c in shells)
-    features = {rule: {re.search(r"--split (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] == rule}
-                for rule in ("cache_features", "cache_features_ood")}
-    assert features == {"cache_features": {"train", "val", "test"}, "cache_features_ood": set(sets)}
+    features = {re.search(r"--split (\S+)", j["shell"]).group(1) for j in jobs if j["rule"] == "cache_features"}
+    assert features == {"train", "val", "test", *sets}
 
 
 def test_the_paper_plan_trains_the_paper_model(paper_plan):
@@ -179,16 +179,20 @@ def test_features_jobs_scatter_each_split_over_gpu_jobs(tmp_path_factory, paper_
                                                 for j in gathers)
 
 
-def test_twin_rules_get_the_gpus_of_their_originals(paper_plan):
-    """generate_official / evaluate_dico_official (and the _ood twins above) are `use rule` copies with
-    their own names; the profile's set-resources for generate / evaluate must reach them."""
-    root, _ = paper_plan
+def test_the_released_checkpoint_and_the_extra_sets_get_the_gpus_of_their_rules(paper_plan):
+    """The released DiCO checkpoint (run dico_official) and the extra evaluation sets are captioned and
+    scored by the generate / evaluate rules themselves, so the profile's one entry per rule reaches them
+    (no copies of a rule under other names to declare)."""
+    root, text = paper_plan
     out = _snakemake("-n", "--profile", "slurm", "evaluate_official", cwd=root, env=_env(DICO_CONDA="auto"))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    jobs = {j["rule"]: j for j in _jobs(out.stdout + out.stderr)}
-    for twin in ("generate_official", "evaluate_dico_official"):
-        res = jobs[twin]["resources"]
-        assert res.get("gpu") == "1" and int(res["cpus_per_gpu"]) >= 4 and int(res["mem_mb"]) >= 16000, (twin, res)
+    official = [j for j in _jobs(out.stdout + out.stderr) if "results/runs/dico_official/model.pt" in j["shell"]
+                and j["rule"] in ("generate", "evaluate")]
+    ood = [j for j in _jobs(text) if j["rule"] in ("generate", "evaluate") and "/ood/" in j["shell"]]
+    assert len(official) == 4 and len(ood) > 0
+    for job in official + ood:
+        res = job["resources"]
+        assert res.get("gpu") == "1" and int(res["cpus_per_gpu"]) >= 4 and int(res["mem_mb"]) >= 16000, job
 
 
 def test_lint_is_clean_with_the_slurm_profile(paper_plan):
@@ -310,8 +314,7 @@ def test_demo_dag_runs_through_local_slurm(tmp_path):
     logs = {p.stem: p for p in (root / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert set(submitted.values()) <= set(logs), set(submitted.values()) - set(logs)
     rules_in_slurm = {p.relative_to(root / ".snakemake" / "slurm_logs").parts[0] for p in logs.values()}
-    # (features.jobs: 2 here: the part jobs are rule cache_features, there is no cache_features_ood)
-    assert {f"rule_{r}" for r in GPU_RULES if r != "cache_features_ood"} <= rules_in_slurm, rules_in_slurm
+    assert {f"rule_{r}" for r in GPU_RULES} <= rules_in_slurm, rules_in_slurm
     part_logs = [p for p in logs.values() if "rule_cache_features" in p.parts]
     assert len(part_logs) == 8  # 4 splits x 2 parts, each its own SLURM job
 

@@ -174,21 +174,10 @@ def captioner(tmp_path_factory):
     writes the demo's commas ("a red circle , a blue square")."""
     import yaml
 
-    from dico import config as C
-    from dico.data import load_split
-    from dico.features import cache_features
-    from dico.train import train_xe
-    from worlds import tiny_world
+    from worlds import make_world
 
-    root = tmp_path_factory.mktemp("generate")
-    ev = tiny_world(root, n_train=24, n_val=6, n_test=6, seed=3)
-    for split in ("train", "val", "test"):
-        cache_features(ev, "clip", root / "clip.pt", load_split(root / "splits.json", split), split,
-                       root / "features" / split, shard_size=8, batch_size=8, log=lambda *a: None)
-    spec = C.run_spec(C.validate(copy.deepcopy(CONFIG)), "xe")
-    feats = {s: str(root / "features" / s / "index.json") for s in ("train", "val")}
-    train_xe(spec, root / "splits.json", feats, root / "xe" / "work", root / "xe" / "model.pt",
-             root / "xe" / "log.jsonl", device="cpu", log=lambda *a: None)
+    root = make_world(tmp_path_factory.mktemp("generate"), n_train=24, n_val=6, n_test=6, seed=3,
+                      features=("train", "val", "test"), config=CONFIG, xe_runs=("xe",))["root"]
     for mode in ("official", "none"):
         cfg = copy.deepcopy(CONFIG)
         cfg["decoding"]["postprocess"] = mode

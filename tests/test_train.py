@@ -6,28 +6,19 @@ import torch
 
 from dico import config as C
 from dico import runtime
+from dico.checkpoint import load_captioner
 from dico.data import load_split
-from dico.evaluate import embed_images
-from dico.features import FeatureStore, cache_features
-from dico.train import CaptionBatches, load_captioner, train_finetune, train_xe
+from dico.features import FeatureStore
 from dico.tokenizer import CaptionTokenizer
-from worlds import sigterm_at_step, tiny_world
+from dico.train import CaptionBatches, train_finetune, train_xe
+from worlds import make_world, sigterm_at_step
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """60/12/12 demo images, a random tiny CLIP as backbone and reward model, cached features."""
-    root = tmp_path_factory.mktemp("world")
-    ev = tiny_world(root, n_train=60, n_val=12, n_test=12, seed=5)
-    feats, embs = {}, {}
-    for split in ("train", "val"):
-        records = load_split(root / "splits.json", split)
-        index = cache_features(ev, "clip", root / "clip.pt", records, split, root / "features" / split,
-                               shard_size=25, batch_size=16, log=lambda *a: None)
-        feats[split] = str(root / "features" / split / "index.json")
-        embs[split] = embed_images(ev, [r.path for r in records], progress=False)
-        assert index["n_images"] == len(records)
-    return {"root": root, "splits": root / "splits.json", "features": feats, "ev": ev, "embs": embs}
+    return make_world(tmp_path_factory.mktemp("world"), n_train=60, n_val=12, n_test=12, seed=5,
+                      features=("train", "val"), embeddings=("train", "val"), shard_size=25, batch_size=16)
 
 
 def _spec(run, **overrides):
@@ -90,7 +81,8 @@ def test_xe_learns_far_beyond_an_untrained_model(world, xe_model):
     assert payload["val"]["CIDEr"] > 0.25  # 150 steps of a 1-layer model; untrained scores < 0.1 (below)
     assert payload["backbone"]["name"] == "clip" and payload["spec"]["run"] == "xe"
     # untrained: same architecture, no training
-    from dico.train import Validator, build_model
+    from dico.train import build_model
+    from dico.validation import Validator
 
     untrained = build_model(_spec("xe"), tok, FeatureStore(world["features"]["val"]).dim).eval()
     val = Validator(FeatureStore(world["features"]["val"]), load_split(world["splits"], "val"), _spec("xe"), "cpu")
@@ -99,8 +91,9 @@ def test_xe_learns_far_beyond_an_untrained_model(world, xe_model):
 
 @pytest.mark.parametrize("form", ["validation", "metric"])
 def test_validator_embeds_the_references_once_and_scores_as_the_uncached_functions(world, xe_model, form):
-    from dico.evaluator import PACS_PREFIX, score_captions, score_captions_validation_form
-    from dico.train import Validator, generate_captions
+    from dico.metrics.clipscore import PACS_PREFIX, score_captions, score_captions_validation_form
+    from dico.inference import generate_captions
+    from dico.validation import Validator
 
     class Counting:  # the evaluator, counting the texts it embeds
         def __init__(self, ev):
@@ -176,12 +169,12 @@ def test_resume_after_preemption_equals_uninterrupted_run(world, tmp_path, monke
 
 
 def test_checkpoint_from_another_backbone_is_rejected(world, xe_model, tmp_path):
-    from dico.train import check_backbone
+    from dico.checkpoint import check_backbone
 
     _, _, payload = load_captioner(xe_model / "model.pt")
     payload["backbone"] = {"name": "clip_l14", "dim": 1024, "tokens": 257}
     with pytest.raises(ValueError, match=r"trained on features of backbone 'clip_l14' \(257x1024\)"):
-        check_backbone(payload, FeatureStore(world["features"]["val"]), "ckpt.pt")
+        check_backbone(payload, FeatureStore(world["features"]["val"]).grid, "ckpt.pt")
 
 
 def test_sequence_logprobs_with_shared_cross_attention_equals_repeated_memory(xe_model):

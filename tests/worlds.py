@@ -1,8 +1,16 @@
-"""Tiny end-to-end worlds for the tests: demo images, a split file and a random tiny CLIP."""
-from dico.data import normalise_karpathy
+"""What the tests share: one tiny world factory (demo images, a split file, a random tiny CLIP, and on
+request its cached features, image embeddings, a config file and XE captioners), one tiny config and
+one runner of the `dico` command line."""
+import copy
+import logging
+
+import yaml
+
+from dico import config as C
+from dico.clip_weights import load_evaluator, save_evaluator
+from dico.data import load_split, normalise_karpathy
 from dico.demo import make_demo_data
-from dico.demo_clip import build_tiny_clip, tiny_clip_config
-from dico.evaluator import load_evaluator, save_evaluator
+from dico.demo.clip import build_tiny_clip, tiny_clip_config
 
 
 def tiny_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, image_size: int = 32):
@@ -15,6 +23,51 @@ def tiny_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, image_
                            text_width=64, text_layers=1, context_length=32)
     save_evaluator(build_tiny_clip(cfg, seed=0), root / "clip.pt")
     return load_evaluator(root / "clip.pt")
+
+
+def make_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, features=(), embeddings=(),
+               shard_size: int = 8, batch_size: int = 8, config: dict | None = None, xe_runs=(),
+               xe_config: dict | None = None) -> dict:
+    """`tiny_world` in `root`, then: grid features of the splits in `features` (root/features/<split>),
+    image embeddings of those in `embeddings`, `config` written to root/config.yaml, and an XE
+    captioner per run of `xe_runs` trained with it (or with `xe_config`: root/<run>/model.pt, log.jsonl,
+    work/).
+    Returns {"root", "splits", "ev", "features": {split: index.json}, "embs": {split: tensor}}."""
+    from dico.embeddings import embed_images
+    from dico.features import cache_features
+
+    ev = tiny_world(root, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    world = {"root": root, "splits": root / "splits.json", "ev": ev, "features": {}, "embs": {}}
+    for split in features:
+        records = load_split(world["splits"], split)
+        index = cache_features(ev, "clip", root / "clip.pt", records, split, root / "features" / split,
+                               shard_size=shard_size, batch_size=batch_size, log=lambda *a: None)
+        assert index["n_images"] == len(records)
+        world["features"][split] = str(root / "features" / split / "index.json")
+    for split in embeddings:
+        world["embs"][split] = embed_images(ev, [r.path for r in load_split(world["splits"], split)], progress=False)
+    if config is not None:
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+    for run in xe_runs:
+        from dico.train import train_xe
+
+        train_xe(C.run_spec(C.validate(copy.deepcopy(xe_config or config)), run), world["splits"], world["features"],
+                 root / run / "work", root / run / "model.pt", root / run / "log.jsonl", device="cpu",
+                 log=lambda *a: None)
+    return world
+
+
+def run_dico(caplog, *argv, capsys=None) -> tuple[int, str | None, str]:
+    """`dico ARGV` in this process, through its real error boundary: (exit code, what it printed on
+    stdout (with `capsys`), what it logged)."""
+    from dico import cli
+
+    caplog.clear()
+    if capsys is not None:
+        capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="dico"):
+        code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().out if capsys is not None else None, caplog.text
 
 
 def sigterm_at_step(monkeypatch, step: int) -> None:

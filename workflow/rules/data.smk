@@ -1,14 +1,15 @@
 # Stage 1-2: the data. The demo generates images and captions in the Karpathy schema; COCO comes
-# as dataset_coco.json + images. Both end in one normalised split file.
+# as dataset_coco.json + images. Both end in one normalised split file; each extra evaluation set
+# (evaluate.datasets) gets one of its own.
 
 
 rule make_demo_data:
     output:
-        "results/data/demo/dataset_demo.json",
+        L.demo_karpathy(),
     params:
         spec=spec(dc.demo_spec(config)),
     log:
-        "results/logs/make_demo_data.log",
+        L.log("make_demo_data"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -17,17 +18,17 @@ rule make_demo_data:
 
 rule prepare_splits:
     input:
-        karpathy=karpathy_source(),
+        karpathy=dc.karpathy_file(config),
         images=coco_image_dirs(),
     output:
-        splits_file(),
+        L.splits_file(),
     params:
-        image_root=lambda wildcards: image_root(),
+        image_root=lambda wildcards: dc.image_root(config),
         max_refs=(
             f"--max-refs {config['data']['max_refs']}" if config["data"]["max_refs"] else ""
         ),
     log:
-        "results/logs/prepare_splits.log",
+        L.log("prepare_splits"),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -35,25 +36,25 @@ rule prepare_splits:
         " {params.max_refs} --out {output} > {log} 2>&1"
 
 
-# Extra evaluation sets (evaluate.datasets): one split file each, from its annotations (downloaded by
-# download_ood_<name> when missing) or, for a demo set, generated here. A localrule: nocaps images
-# are fetched by URL (compute nodes may be offline), and the rest is light.
+# An extra evaluation set's split file, from its annotations (downloaded by download_ood_<name> when
+# missing) or, for a demo set, generated here. A localrule: nocaps images are fetched by URL (compute
+# nodes may be offline), and the rest is light.
 rule prepare_ood:
     input:
         unpack(ood_inputs),
     output:
-        ood_splits_file("{dataset}"),
+        L.eval_set_splits("{dataset}"),
     params:
-        spec=lambda wc: spec(dd.eval_set_spec(config, wc.dataset)),
-        train_from=splits_file(),
-        # untracked, as the downloads' (common.smk, Untracked): retry settings rerun nothing
+        spec=lambda wc: spec(dc.eval_set_spec(config, wc.dataset)),
+        train_from=L.splits_file(),
+        # untracked, as the downloads' (dico.download.Untracked): retry settings rerun nothing
         fetch=Untracked(
             f"--retries {config['data']['downloads']['retries']}"
             f" --timeout {config['data']['downloads']['timeout_s']}"
         ),
     localrule: True
     log:
-        "results/logs/prepare_ood/{dataset}.log",
+        L.log("prepare_ood", "{dataset}"),
     conda:
         "../../envs/data.yaml"
     shell:

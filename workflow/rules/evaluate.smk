@@ -1,52 +1,54 @@
-# Stages 7-8: beam-search captions of every evaluation split, then every metric of the paper's
-# tables. One job per run covers all splits: the model loads once and METEOR's JVM (about 12 s of
-# start-up) starts once.
+# Stages 7-8: beam-search captions, then every metric of the paper's tables, one job per run and
+# {split}: COCO's evaluation splits and ood/<set> of each extra evaluation set alike, and the released
+# DiCO checkpoint (run dico_official, official.smk) by the same rules. An extra set's split file links
+# COCO's train split (dico.eval_sets), so % novel counts against the captions the model was trained on.
 
 
 rule generate:
     input:
-        model="results/runs/{run}/model.pt",
-        splits=splits_file(),
-        features=[features_index(s) for s in EVAL_SPLITS],
+        model=L.run_model("{run}"),
+        splits=lambda wc: L.split_source(wc.split)[0],
+        features=L.features_index(BACKBONE, "{split}"),
     output:
-        [f"results/captions/{{run}}/{s}.json" for s in EVAL_SPLITS],
+        L.captions_file("{run}", "{split}"),
     params:
         spec=spec(dc.generate_spec(config)),
-        splits=" ".join(EVAL_SPLITS),
+        split=split_name,
     threads: 1
     log:
-        "results/logs/generate/{run}.log",
+        L.log("generate", "{run}", "{split}"),
     conda:
         "../../envs/train.yaml"
     shell:
         "dico generate --spec-json {params.spec:q} --model {input.model} --splits {input.splits}"
-        " --split {params.splits} --features {input.features} --out {output}"
+        " --split {params.split} --features {input.features} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        unpack(evaluate_inputs),
+        unpack(lambda wc: scorer_inputs([wc.run], [wc.split])),
     output:
-        [f"results/metrics/{{run}}/{s}.json" for s in EVAL_SPLITS],
+        L.metrics_file("{run}", "{split}"),
     params:
         spec=spec(dc.evaluate_spec(config)),
-        models=evaluate_args,
-        splits=" ".join(EVAL_SPLITS),
+        models=lambda wc: scorer_args([wc.split]),
+        split=split_name,
         runs=lambda wc: wc.run,
     threads: 1
     log:
-        "results/logs/evaluate/{run}.log",
+        L.log("evaluate", "{run}", "{split}"),
     conda:
         "../../envs/eval.yaml"
     shell:
         "dico evaluate --spec-json {params.spec:q} --run {params.runs} --captions {input.captions}"
-        " --splits {input.splits} --split {params.splits} {params.models}"
+        " --splits {input.splits} --split {params.split} {params.models}"
         " --model-checkpoint {input.model} --out {output} --threads {threads} > {log} 2>&1"
 
 
-# evaluate.group_runs (the demo): one job captions every run and one scores them all, by the same
-# commands (several --model / --run); the per-run rules above stay the twins' base and lose to these.
+# evaluate.group_runs (the demo): one job captions every run on COCO's evaluation splits and one
+# scores them all, by the same commands (several --model / --run; torch, open_clip and METEOR's JVM
+# start once, not per run); the per-run rules above lose to these and serve the rest.
 if config["evaluate"]["group_runs"]:
 
     ruleorder: generate_runs > generate
@@ -54,57 +56,28 @@ if config["evaluate"]["group_runs"]:
 
     use rule generate as generate_runs with:
         input:
-            model=[f"results/runs/{r}/model.pt" for r in RUNS],
-            splits=splits_file(),
-            features=[features_index(s) for s in EVAL_SPLITS],
+            model=[L.run_model(r) for r in RUNS],
+            splits=L.splits_file(),
+            features=[L.features_index(BACKBONE, s) for s in EVAL_SPLITS],
         output:
-            [f"results/captions/{r}/{s}.json" for r in RUNS for s in EVAL_SPLITS],
+            [L.captions_file(r, s) for r in RUNS for s in EVAL_SPLITS],
+        params:
+            spec=spec(dc.generate_spec(config)),
+            split=" ".join(EVAL_SPLITS),
         threads: 2
         log:
-            "results/logs/generate/all_runs.log",
+            L.log("generate", "all_runs"),
 
     use rule evaluate as evaluate_runs with:
         input:
-            unpack(evaluate_runs_inputs),
+            **scorer_inputs(RUNS, EVAL_SPLITS),
         output:
-            [f"results/metrics/{r}/{s}.json" for r in RUNS for s in EVAL_SPLITS],
+            [L.metrics_file(r, s) for r in RUNS for s in EVAL_SPLITS],
         params:
             spec=spec(dc.evaluate_spec(config)),
-            models=evaluate_args,
-            splits=" ".join(EVAL_SPLITS),
+            models=scorer_args(EVAL_SPLITS),
+            split=" ".join(EVAL_SPLITS),
             runs=" ".join(RUNS),
         threads: 2
         log:
-            "results/logs/evaluate/all_runs.log",
-
-
-# The extra evaluation sets (evaluate.datasets): every run captioned and scored on each, one job per
-# run and set, by the same commands as above (use rule: one shell line to keep right). The set's
-# split file links COCO's train split (dico.data, splits_from): % novel counts against the captions
-# the model was trained on.
-use rule generate as generate_ood with:
-    input:
-        model="results/runs/{run}/model.pt",
-        splits=lambda wc: ood_splits_file(wc.dataset),
-        features=lambda wc: features_index(f"ood/{wc.dataset}"),
-    output:
-        ood_captions("{run}", "{dataset}"),
-    params:
-        spec=spec(dc.generate_spec(config)),
-        splits=lambda wc: wc.dataset,
-    log:
-        "results/logs/generate/ood/{dataset}/{run}.log",
-
-
-use rule evaluate as evaluate_ood with:
-    input:
-        unpack(evaluate_ood_inputs),
-    output:
-        ood_metrics("{run}", "{dataset}"),
-    params:
-        spec=spec(dc.evaluate_spec(config)),
-        models=evaluate_ood_args,
-        splits=lambda wc: wc.dataset,
-        runs=lambda wc: wc.run,
-    log:
-        "results/logs/evaluate/ood/{dataset}/{run}.log",
+            L.log("evaluate", "all_runs"),

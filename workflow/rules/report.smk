@@ -7,8 +7,6 @@
 # `snakemake ablation_beta` plans the beta runs and nothing else.
 import os
 
-from dico import report as dreport
-
 _R = dc.report_spec(config)
 _QUALITATIVE = {"qualitative_images": _R["report"]["qualitative_images"]}
 # The slice of dc.report_spec(config) each target reads, as its --spec-json.
@@ -26,19 +24,19 @@ REPORT_PARAMS = {
 _REPORTED = config["report"]["reported"]
 REPORTED_INPUT = [_REPORTED] if _REPORTED and os.path.exists(_REPORTED) else []
 REPORTED_ARG = " ".join(f"--reported {p}" for p in REPORTED_INPUT)
-TEST_METRICS_MAIN = [metrics_file(r, "test") for r in MAIN_RUNS_ALL_SEEDS]
+TEST_METRICS_MAIN = [L.metrics_file(r, "test") for r in MAIN_RUNS_ALL_SEEDS]
 TEST_METRICS_ABLATIONS = list(dict.fromkeys(f for a in ABLATIONS for f in ablation_metrics(a)))
 # A figure's outputs: PDF (for the paper), PNG (shown in the HTML report), provenance.
 FIGURE_OUTPUTS = {
     name: {
-        "pdf": f"results/figures/{name}.pdf",
+        "pdf": L.figure(name),
         "png": report(
-            f"results/figures/{name}.png",
+            L.figure(name, "png"),
             caption=f"../report/figure_{name}.rst",
             category="Figures",
             labels={"figure": name},
         ),
-        "provenance": f"results/figures/{name}.provenance.json",
+        "provenance": L.figure(name, "provenance.json"),
     }
     for name in FIGURE_NAMES
 }
@@ -47,27 +45,27 @@ FIGURE_OUTPUTS = {
 rule table_main:
     input:
         metrics=TEST_METRICS_MAIN,
-        splits=splits_file(),
+        splits=L.splits_file(),
         reported=REPORTED_INPUT,
     output:
         tex=report(
-            "results/tables/main.tex",
+            L.table("main"),
             caption="../report/table_main.rst",
             category="Tables",
             labels={"table": "main", "format": "LaTeX"},
         ),
         csv=report(
-            "results/tables/main.csv",
+            L.table("main", "csv"),
             caption="../report/table_main.rst",
             category="Tables",
             labels={"table": "main", "format": "CSV"},
         ),
-        provenance="results/tables/main.provenance.json",
+        provenance=L.table("main", "provenance.json"),
     params:
         spec=REPORT_PARAMS["order"],
         reported=REPORTED_ARG,
     log:
-        "results/logs/report/table_main.log",
+        L.log("report", "table_main"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -78,29 +76,29 @@ rule table_main:
 rule table_ablation:
     input:
         metrics=lambda wc: ablation_metrics(wc.ablation),
-        splits=splits_file(),
+        splits=L.splits_file(),
         reported=REPORTED_INPUT,
     output:
         tex=report(
-            "results/tables/ablation_{ablation}.tex",
+            L.table("ablation_{ablation}"),
             caption="../report/table_ablation.rst",
             category="Tables",
             labels={"table": "ablation {ablation}", "format": "LaTeX"},
         ),
         csv=report(
-            "results/tables/ablation_{ablation}.csv",
+            L.table("ablation_{ablation}", "csv"),
             caption="../report/table_ablation.rst",
             category="Tables",
             labels={"table": "ablation {ablation}", "format": "CSV"},
         ),
-        provenance="results/tables/ablation_{ablation}.provenance.json",
+        provenance=L.table("ablation_{ablation}", "provenance.json"),
     wildcard_constraints:
         ablation="|".join(ABLATIONS) or "none",
     params:
         spec=lambda wc: REPORT_PARAMS[f"ablation_{wc.ablation}"],
         reported=REPORTED_ARG,
     log:
-        "results/logs/report/table_ablation_{ablation}.log",
+        L.log("report", "table_ablation_{ablation}"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -110,7 +108,7 @@ rule table_ablation:
 
 # The extra evaluation sets (evaluate.datasets): the main table's runs, one column group per set.
 # Without sets the rule still exists and says what to configure (`snakemake ood`).
-OOD_TABLE_METRICS = {d: [ood_metrics(r, d) for r in MAIN_RUNS] for d in OOD_SETS}
+OOD_TABLE_METRICS = {d: [L.metrics_file(r, L.ood_split(d)) for r in MAIN_RUNS] for d in OOD_SETS}
 
 
 rule table_ood:
@@ -119,24 +117,24 @@ rule table_ood:
         reported=REPORTED_INPUT,
     output:
         tex=report(
-            "results/tables/ood.tex",
+            L.table("ood"),
             caption="../report/table_ood.rst",
             category="Tables",
             labels={"table": "ood", "format": "LaTeX"},
         ),
         csv=report(
-            "results/tables/ood.csv",
+            L.table("ood", "csv"),
             caption="../report/table_ood.rst",
             category="Tables",
             labels={"table": "ood", "format": "CSV"},
         ),
-        provenance="results/tables/ood.provenance.json",
+        provenance=L.table("ood", "provenance.json"),
     params:
-        spec=spec(dreport.ood_spec(config)),
+        spec=spec(dc.ood_report_spec(config)),
         metrics=" ".join(f"{d}={p}" for d, paths in OOD_TABLE_METRICS.items() for p in paths),
         reported=REPORTED_ARG,
     log:
-        "results/logs/report/table_ood.log",
+        L.log("report", "table_ood"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -146,7 +144,7 @@ rule table_ood:
 
 rule ood:
     input:
-        "results/tables/ood.tex",
+        L.table("ood"),
     localrule: True
 
 
@@ -157,7 +155,7 @@ for _ablation in ABLATIONS:
         name:
             f"ablation_{_ablation}"
         input:
-            f"results/tables/ablation_{_ablation}.tex",
+            L.table(f"ablation_{_ablation}"),
         localrule: True
 
 
@@ -169,13 +167,13 @@ rule tables:
 
 rule figure_training_curves:
     input:
-        logs=[f"results/runs/{r}/train_log.jsonl" for r in MAIN_RUNS],
+        logs=[L.train_log(r) for r in MAIN_RUNS],
     output:
         **FIGURE_OUTPUTS["training_curves"],
     params:
         spec=REPORT_PARAMS["order"],
     log:
-        "results/logs/report/figure_training_curves.log",
+        L.log("report", "figure_training_curves"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -185,13 +183,13 @@ rule figure_training_curves:
 
 rule figure_tradeoff:
     input:
-        metrics=[metrics_file(r, "test") for r in RUNS],
+        metrics=[L.metrics_file(r, "test") for r in RUNS],
     output:
         **FIGURE_OUTPUTS["tradeoff"],
     params:
         spec=REPORT_PARAMS["order"],
     log:
-        "results/logs/report/figure_tradeoff.log",
+        L.log("report", "figure_tradeoff"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -207,7 +205,7 @@ rule figure_ablations:
     params:
         spec=REPORT_PARAMS["ablations"],
     log:
-        "results/logs/report/figure_ablations.log",
+        L.log("report", "figure_ablations"),
     conda:
         "../../envs/report.yaml"
     shell:
@@ -218,14 +216,14 @@ rule figure_ablations:
 
 rule figure_qualitative:
     input:
-        captions=[f"results/captions/{r}/test.json" for r in MAIN_RUNS],
-        splits=splits_file(),
+        captions=[L.captions_file(r, "test") for r in MAIN_RUNS],
+        splits=L.splits_file(),
     output:
         **FIGURE_OUTPUTS["qualitative"],
     params:
         spec=REPORT_PARAMS["qualitative"],
     log:
-        "results/logs/report/figure_qualitative.log",
+        L.log("report", "figure_qualitative"),
     conda:
         "../../envs/report.yaml"
     shell:

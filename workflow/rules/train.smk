@@ -9,12 +9,12 @@
 
 rule train_xe:
     input:
-        splits=splits_file(),
-        features_train=features_index("train"),
-        features_val=features_index("val"),
+        splits=L.splits_file(),
+        features_train=L.features_index(BACKBONE, "train"),
+        features_val=L.features_index(BACKBONE, "val"),
     output:
-        model="results/runs/{run}/model.pt",
-        log="results/runs/{run}/train_log.jsonl",
+        model=L.run_model("{run}"),
+        log=L.train_log("{run}"),
     wildcard_constraints:
         run=r"xe(_seed\d+)?",
     params:
@@ -27,7 +27,7 @@ rule train_xe:
     # the demo's critical path (CLIP -> features -> XE -> fine-tuning): before the embeddings jobs
     priority: 10
     log:
-        "results/logs/train/{run}.log",
+        L.log("train", "{run}"),
     conda:
         "../../envs/train.yaml"
     shell:
@@ -40,8 +40,8 @@ rule train_scst:
     input:
         unpack(finetune_inputs),
     output:
-        model="results/runs/{run}/model.pt",
-        log="results/runs/{run}/train_log.jsonl",
+        model=L.run_model("{run}"),
+        log=L.train_log("{run}"),
     wildcard_constraints:
         run="scst_[a-z0-9_]+",
     params:
@@ -51,7 +51,7 @@ rule train_scst:
         threads=threads_per_process,
     threads: 1
     log:
-        "results/logs/train/{run}.log",
+        L.log("train", "{run}"),
     conda:
         "../../envs/train.yaml"
     shell:

@@ -2,7 +2,7 @@
 
 They play every CLIP role of the paper's pipeline in the demo (frozen backbone, reward model, CLIP-S
 and PAC-S scorer; "pac" is trained with hard negatives, the stand-in for PAC-S's stronger training).
-They are saved in the PAC-S checkpoint layout and loaded back through `dico.evaluator.load_evaluator`,
+They are saved in the PAC-S checkpoint layout and loaded back through `dico.clip_weights.load_evaluator`,
 the loader of the real checkpoints, so the demo exercises the real loading path. Demo-only: nothing
 here serves a real checkpoint.
 """
@@ -17,8 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .evaluator import (CLIP_MEAN, CLIP_STD, HEAD_WIDTH, Evaluator, clip_preprocess, encode_text_prefix, save_evaluator,
-                        tokenize)
+from ..clip_model import CLIP_MEAN, CLIP_STD, HEAD_WIDTH, Evaluator, clip_preprocess, encode_text_prefix, tokenize
+from ..clip_weights import save_evaluator
+from ..images import load_image
+from .retrieval import retrieval, swap_test
 
 # Length groups of a training batch's texts (`encode_text_prefix`): demo captions are 15 BPE tokens on
 # average and a batch's longest ~26, so one prefix for all wastes about half the text tower's work. A
@@ -149,10 +151,6 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     (`encode_text_prefix`, in `TEXT_BUCKETS` length groups): the same model as the plain dense loop,
     at a fraction of its cost.
     """
-    from tqdm import tqdm
-
-    from .data import load_image
-
     t0 = time.time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -160,41 +158,81 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
     if init_state is not None:
         model.load_state_dict(init_state)
     size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
-
-    # decode every image once: some thousand tiny images fit in memory many times over
-    images = preprocess_all([load_image(r.path, "train") for r in records] + [im for im, _ in extra_pairs], size)
-    captions = [list(r.captions) for r in records] + [list(c) for _, c in extra_pairs]
-    caption_tokens = [tokenize(c, ctx) for c in captions]
-    n = len(captions)
-    bsz = min(batch_size, n)
-
-    vocab = [t.flatten() for t in caption_tokens] + ([tokenize(list(text_vocab), ctx).flatten()] if text_vocab else [])
+    data = _Pairs(records, extra_pairs, size, ctx)
+    vocab = [t.flatten() for t in data.tokens] + ([tokenize(list(text_vocab), ctx).flatten()] if text_vocab else [])
     table = CompactTokenTable(model.token_embedding, torch.cat(vocab))
     opt = clip_optimizer([p for p in model.parameters() if p is not model.token_embedding.weight] + [table.weight],
                          lr, weight_decay, temperature=model.logit_scale, temperature_lr_scale=temperature_lr_scale)
-    warmup = max(1, steps // 10) if warmup is None else warmup
+    lr_at = warmup_cosine(lr, steps, max(1, steps // 10) if warmup is None else warmup)
+    losses, acc = _train_steps(model, table, opt, data, rng, steps, min(batch_size, len(data.captions)), lr_at,
+                               weight_decay, hard_negative_fn, log)
+    table.write_back(model.token_embedding)
+    train_s = time.time() - t0
+    save_evaluator(model, out_path)
+    n = len(data.captions)
+    stats = {"steps": steps, "temperature_lr_scale": temperature_lr_scale, "n_images": n,
+             "n_pretraining_images": len(extra_pairs), "batch_size": min(batch_size, n),
+             "first_loss": losses[0] if losses else None,
+             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+             "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
+             **_what_it_sees(Evaluator(model), data, eval_records, scenes, eval_scenes),
+             "n_params": sum(p.numel() for p in model.parameters()),
+             "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
+    stats.update(stats.pop("_eval", {}))
+    log(f"tiny CLIP done: {stats}")
+    return stats
 
-    def lr_at(step):  # linear warmup, then cosine from lr to lr/10
+
+def _what_it_sees(ev: Evaluator, data, eval_records, scenes, eval_scenes) -> dict:
+    """Retrieval R@1 over up to 512 train images ("train") and, under "_eval", over `eval_records`
+    (the val split) with the swap test."""
+    n = len(data.captions)
+    out = {"train": retrieval(ev, data.images[:512], data.captions[:512], _first(scenes, min(512, n)))}
+    if eval_records:
+        eval_images = preprocess_all([load_image(r.path, "val") for r in eval_records], ev.image_size)
+        eval_captions = [list(r.captions) for r in eval_records]
+        out["_eval"] = {"val": retrieval(ev, eval_images, eval_captions, eval_scenes),
+                        "swap_test": swap_test(ev, eval_images, eval_captions)}
+    return out
+
+
+class _Pairs:
+    """Every training image decoded and preprocessed once (some thousand tiny images fit in memory many
+    times over), with its captions and their CLIP token ids."""
+
+    def __init__(self, records, extra_pairs, size: int, ctx: int):
+        self.images = preprocess_all([load_image(r.path, "train") for r in records]
+                                     + [im for im, _ in extra_pairs], size)
+        self.captions = [list(r.captions) for r in records] + [list(c) for _, c in extra_pairs]
+        self.tokens = [tokenize(c, ctx) for c in self.captions]
+        self.ctx = ctx
+
+
+def warmup_cosine(lr: float, steps: int, warmup: int):
+    """The learning rate at each step: linear warm-up over `warmup` steps, then cosine from lr to lr/10."""
+    def lr_at(step):
         if step < warmup:
             return lr * (step + 1) / warmup
         p = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    return lr_at
+
+
+def _train_steps(model, table, opt, data: _Pairs, rng: random.Random, steps: int, bsz: int, lr_at,
+                 weight_decay: float, hard_negative_fn, log) -> tuple[list[float], float]:
+    """The optimisation loop; returns the loss of every step and the last step's in-batch i->t accuracy."""
+    from tqdm import tqdm
 
     order: list[int] = []
-    losses, first_loss, acc = [], None, 0.0
+    losses, acc = [], 0.0
+    n = len(data.captions)
     bar = tqdm(range(steps), desc="tiny CLIP", disable=not sys.stderr.isatty())
     for step in bar:
         if len(order) < bsz:  # a fresh shuffled pass over the images
             order += rng.sample(range(n), n)
         idx, order = order[:bsz], order[bsz:]
-        picks = [rng.randrange(len(captions[i])) for i in idx]
-        tokens = torch.stack([caption_tokens[i][j] for i, j in zip(idx, picks)])
-        if hard_negative_fn is not None:
-            negs = [hard_negative_fn(captions[i][j], rng) for i, j in zip(idx, picks)]
-            negs = [t for t in negs if t]
-            if negs:
-                tokens = torch.cat([tokens, tokenize(negs, ctx)])
-        img = F.normalize(model.encode_image(images[idx]), dim=-1)
+        tokens = _batch_tokens(data, idx, rng, hard_negative_fn)
+        img = F.normalize(model.encode_image(data.images[idx]), dim=-1)
         txt = F.normalize(encode_text_prefix(model, tokens, table, TEXT_BUCKETS), dim=-1)
         loss, logits = contrastive_loss(model, img, txt)   # negatives only add columns
         scale = model.logit_scale.detach().exp()  # for the log: the temperature this step used
@@ -209,7 +247,6 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
             model.logit_scale.clamp_(0, math.log(100))
 
         losses.append(loss.item())
-        first_loss = losses[0] if first_loss is None else first_loss
         # in-batch i->t accuracy; a column with the same token ids as the positive counts as a hit
         # (generated captions repeat, so two images of a batch may share the positive text)
         acc = (tokens[logits.argmax(1)] == tokens[:len(idx)]).all(1).float().mean().item()
@@ -217,24 +254,20 @@ def train_tiny_clip(records, cfg: dict, out_path, *, steps: int, batch_size: int
         if step % 50 == 0 or step == steps - 1:
             log(f"tiny CLIP step {step + 1}/{steps}: loss {losses[-1]:.4f}, in-batch i->t acc {acc:.3f}, "
                 f"lr {lr_at(step):.2e}, logit scale {scale.item():.1f}")
+    return losses, acc
 
-    table.write_back(model.token_embedding)
-    train_s = time.time() - t0
-    save_evaluator(model, out_path)
-    ev = Evaluator(model)
-    stats = {"steps": steps, "temperature_lr_scale": temperature_lr_scale, "n_images": n, "n_pretraining_images": len(extra_pairs), "batch_size": bsz, "first_loss": first_loss,
-             "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-             "final_batch_acc": acc, "logit_scale": model.logit_scale.exp().item(),
-             "train": retrieval(ev, images[:512], captions[:512], _first(scenes, min(512, n))),
-             "n_params": sum(p.numel() for p in model.parameters()),
-             "seconds": round(train_s, 2), "steps_per_s": round(steps / max(train_s, 1e-9), 3)}
-    if eval_records:
-        eval_images = preprocess_all([load_image(r.path, "val") for r in eval_records], size)
-        eval_captions = [list(r.captions) for r in eval_records]
-        stats["val"] = retrieval(ev, eval_images, eval_captions, eval_scenes)
-        stats["swap_test"] = swap_test(ev, eval_images, eval_captions)
-    log(f"tiny CLIP done: {stats}")
-    return stats
+
+def _batch_tokens(data: _Pairs, idx: list[int], rng: random.Random, hard_negative_fn) -> torch.Tensor:
+    """One random caption per image of the batch, then (with `hard_negative_fn`) one perturbed
+    caption per image after them, as extra negatives."""
+    picks = [rng.randrange(len(data.captions[i])) for i in idx]
+    tokens = torch.stack([data.tokens[i][j] for i, j in zip(idx, picks)])
+    if hard_negative_fn is not None:
+        negs = [hard_negative_fn(data.captions[i][j], rng) for i, j in zip(idx, picks)]
+        negs = [t for t in negs if t]
+        if negs:
+            tokens = torch.cat([tokens, tokenize(negs, data.ctx)])
+    return tokens
 
 
 def _first(scenes, k: int):
@@ -242,59 +275,41 @@ def _first(scenes, k: int):
     return scenes[:k] if scenes is not None and len(scenes) >= k else None
 
 
-def retrieval(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]], scenes=None) -> dict:
-    """R@1 both ways over a set's images and all their captions: i2t_r1 = share of images whose top
-    caption is true of them, t2i_r1 = share of captions whose top image they are true of.
 
-    Generated data repeats itself: two val scenes may each hold one big red circle, on white and on
-    grey, and "there is a big red circle" is then true of both. With the images' `scenes`
-    (`dico.demo.Scene`), a hit is a caption the scene makes true (`dico.demo.describes`); without,
-    one of the image's own caption texts (then a caption true of another image counts as a miss unless
-    that image's references hold the same text). Both are returned: "i2t_r1" / "t2i_r1" by truth
-    when scenes are given, "i2t_r1_refs" / "t2i_r1_refs" by reference text always."""
-    from .demo import describes
+def train_standin(spec: dict, splits_json, out, *, init: str | None = None, stats_out=None, workers: int = 1,
+                  log=print) -> dict:
+    """`dico train-clip`: train the clip_models entry `spec` (source demo) on the demo's train split and
+    `train.pretraining_scenes` scenes drawn in memory, from random weights or from the checkpoint
+    `init` of the entry `train.init` names (read back through the loader of the real checkpoints),
+    save it to `out` and its retrieval figures to `stats_out`."""
+    from ..clip_weights import load_evaluator
+    from ..data import load_split
+    from ..io import write_json
+    from .dataset import pretraining_pairs, split_scenes
+    from .negatives import hard_negative_words, perturb_caption
 
-    flat = [c for caps in captions for c in caps]
-    sims = ev.embed_images(pixels) @ ev.embed_texts(flat).T     # [images, captions]
-    top_text, top_image = sims.argmax(1).tolist(), sims.argmax(0).tolist()
-    n_img, n_txt = max(1, len(captions)), max(1, len(flat))
-    i2t_refs = sum(flat[t] in caps for t, caps in zip(top_text, captions)) / n_img
-    t2i_refs = sum(text in captions[i] for text, i in zip(flat, top_image)) / n_txt
-    if scenes is None:
-        i2t, t2i, hits = i2t_refs, t2i_refs, "reference texts"
-    else:
-        i2t = sum(describes(flat[t], sc) for t, sc in zip(top_text, scenes)) / n_img
-        t2i = sum(describes(text, scenes[i]) for text, i in zip(flat, top_image)) / n_txt
-        hits = "captions true of the scene"
-    return {"i2t_r1": i2t, "t2i_r1": t2i, "i2t_r1_refs": i2t_refs, "t2i_r1_refs": t2i_refs, "hits": hits,
-            "images": len(captions), "captions": len(flat)}
-
-
-def swap_test(ev: Evaluator, pixels: torch.Tensor, captions: list[list[str]]) -> dict:
-    """How the model reacts when a caption's attributes or the sides of its relation are swapped
-    (`dico.demo.swapped`: the swapped caption describes another scene). Per kind: the number of
-    (image, caption) pairs, the mean cosine drop (original - swapped) x100, and the % of pairs where
-    the original scores higher (50 = blind to the swap). The paper's premise: CLIP-based scores are
-    partly blind to word order and binding, PAC-S's training less so."""
-    from .cider import simple_tokenize
-    from .demo import swapped
-
-    pairs = {"attributes": [], "relation": []}
-    for i, caps in enumerate(captions):
-        for c in caps:
-            for kind, text in swapped(c).items():
-                if text:
-                    pairs[kind].append((i, simple_tokenize(c), text))
-    image_embs = ev.embed_images(pixels)
-    out = {}
-    for kind, rows in pairs.items():
-        if not rows:
-            out[kind] = {"pairs": 0, "cos_drop_x100": None, "prefers_original_pct": None}
-            continue
-        img = image_embs[[i for i, _, _ in rows]]
-        orig = (img * ev.embed_texts([o for _, o, _ in rows])).sum(-1)
-        swap = (img * ev.embed_texts([t for _, _, t in rows])).sum(-1)
-        drop = orig - swap
-        out[kind] = {"pairs": len(rows), "cos_drop_x100": round(100 * float(drop.mean()), 3),
-                     "prefers_original_pct": round(100 * float((drop > 0).float().mean()), 1)}
-    return out
+    t = spec["train"]
+    cfg = tiny_clip_config(embed_dim=t["embed_dim"], image_size=spec["image_size"], patch_size=t["patch_size"],
+                           vision_width=t["vision_width"], vision_layers=t["vision_layers"],
+                           text_width=t["text_width"], text_layers=t["text_layers"],
+                           context_length=t["context_length"])
+    init_state = None
+    if t["init"]:
+        if not init:
+            raise SystemExit(f"clip_models.{spec['name']}.train.init is {t['init']!r}: give its checkpoint with --init")
+        init_state = load_evaluator(init, format="openai").model.state_dict()
+        log(f"starting from {init} (clip_models.{spec['name']}.train.init: {t['init']})")
+    extra = pretraining_pairs(t["pretraining_scenes"], spec["image_size"], seed=t["seed"], workers=workers)
+    stats = train_tiny_clip(load_split(splits_json, "train"), cfg, out, steps=t["steps"],
+                            batch_size=t["batch_size"], lr=t["lr"], seed=t["seed"],
+                            hard_negative_fn=perturb_caption if t["hard_negatives"] else None, log=log,
+                            eval_records=load_split(splits_json, "val"),
+                            text_vocab=hard_negative_words() if t["hard_negatives"] else (),
+                            extra_pairs=extra, init_state=init_state, temperature_lr_scale=t["temperature_lr_scale"],
+                            scenes=split_scenes(splits_json, "train"), eval_scenes=split_scenes(splits_json, "val"))
+    if stats_out:  # retrieval R@1 on val (and on up to 512 train images), the training figures
+        write_json(stats_out, {"name": spec["name"], "init": t["init"], **stats, "config": cfg})
+    v = stats["val"]
+    log(f"demo CLIP model {spec['name']} written to {out}: val R@1 i->t {v['i2t_r1']:.3f}, t->i {v['t2i_r1']:.3f} "
+        f"(hits: {v['hits']}; by reference text {v['i2t_r1_refs']:.3f}, {v['t2i_r1_refs']:.3f})")
+    return stats

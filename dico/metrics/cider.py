@@ -25,7 +25,7 @@ reference entries of their image) are bincounts and searchsorted calls over flat
 loops are str.split and a dict lookup per word.
 
 Tokenisation: scores assume tokenized strings (space-separated). Evaluation uses the real Java PTB tokenizer
-(`dico.metrics.ptb_tokenize`); `simple_tokenize` is a fast Python stand-in for training-time rewards.
+(`dico.metrics.coco.ptb_tokenize`); `simple_tokenize` is a fast Python stand-in for training-time rewards.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def simple_tokenize(text: str) -> str:
     Lower-cases, splits clitics the PTB way ("don't" -> "do n't", "man's" -> "man 's"), splits $ # % * + =,
     drops the punctuation PTB emits as separate tokens (. , ? ! : ; - -- ... quotes) and collapses whitespace.
     Word-internal punctuation stays ("black-and-white", "3.5", "1,000", "p.m."). Meant for training-time
-    rewards only: evaluation must use the real Java tokenizer (`dico.metrics.ptb_tokenize`), which also
+    rewards only: evaluation must use the real Java tokenizer (`dico.metrics.coco.ptb_tokenize`), which also
     knows abbreviations ("mr." keeps its period there, not here).
     """
     text = _SYMBOL.sub(r" \1 ", text.lower().translate(_BRACKETS))

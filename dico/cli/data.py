@@ -1,0 +1,68 @@
+"""`dico make-demo-data` and `dico prepare-splits`: the data stage."""
+from __future__ import annotations
+
+import logging
+
+from .. import config as C
+from .common import add_common, step_spec
+
+log = logging.getLogger("dico")
+
+
+def cmd_make_demo_data(args):
+    from ..demo import make_demo_data
+
+    s = step_spec(args, C.demo_spec)
+    path = make_demo_data(args.out_dir, s["n_train"], s["n_val"], s["n_test"], s["image_size"], s["seed"],
+                          refs_per_image=s["refs_per_image"])
+    log.info("demo data written: %s", path)
+
+
+def cmd_prepare_splits(args):
+    """COCO's Karpathy file -> the split file; or, with --eval-set, one extra evaluation set's."""
+    from ..data import normalise_karpathy
+
+    if args.eval_set:
+        return _prepare_eval_set(args)
+    if not (args.karpathy_json and args.image_root):
+        raise SystemExit("give --karpathy-json and --image-root (COCO), or --eval-set NAME (evaluate.datasets)")
+    counts = normalise_karpathy(args.karpathy_json, args.image_root, args.out, max_refs=args.max_refs)
+    log.info("splits: %s -> %s", counts, args.out)
+
+
+def _prepare_eval_set(args):
+    from ..eval_sets import demo_set_folder, prepare_eval_set
+
+    s = step_spec(args, lambda c: C.eval_set_spec(c, args.eval_set))
+    generated = None
+    if s["format"] == "demo":  # the demo generator draws the set first (its test split)
+        from ..demo import make_demo_data
+
+        d = s["demo"]
+        generated = make_demo_data(demo_set_folder(args.out), 0, 0, d["n_images"], d["image_size"], d["seed"],
+                                   refs_per_image=d["refs_per_image"], variant=d["variant"])
+    n = prepare_eval_set(s, args.out, args.train_from, retries=args.retries, timeout=args.timeout,
+                         workers=args.fetch_workers, generated=generated, log=log.info)
+    log.info("evaluation set %s: %d images -> %s", args.eval_set, n, args.out)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("make-demo-data", help="generate the embedded demo data set")
+    add_common(p)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(fn=cmd_make_demo_data)
+
+    p = sub.add_parser("prepare-splits", help="Karpathy-format file -> normalised split file")
+    add_common(p)
+    p.add_argument("--karpathy-json")
+    p.add_argument("--image-root")
+    p.add_argument("--max-refs", type=int, default=None)
+    p.add_argument("--eval-set", metavar="NAME", help="build evaluation set NAME of evaluate.datasets instead "
+                   "(settings from --spec-json or --config)")
+    p.add_argument("--train-from", help="with --eval-set: the captioner's split file (its train split counts "
+                   "novel captions)")
+    p.add_argument("--retries", type=int, default=5, help="with --eval-set: attempts per image fetched by URL")
+    p.add_argument("--timeout", type=float, default=60.0, help="with --eval-set: seconds per image request")
+    p.add_argument("--fetch-workers", type=int, default=8, help="with --eval-set: parallel image downloads")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_prepare_splits)
