@@ -64,4 +64,4 @@ def bench_demo_clip_step(quick: bool) -> str:
                        for name in variants if name != "plain")
     return (f"demo_clip_step: tiny CLIP step (128 images + 256 texts, {len(torch.unique(tokens))} of 49,408 token "
             f"ids, captions fill {mean:.1f} (longest {used}) of 32 positions), plain {times['plain'] * 1e3:.0f} ms; "
-            f"dico.demo.clip: {ratios} (TEXT_BUCKETS = {TEXT_BUCKETS})")
+            f"dico.demo.clip (TEXT_BUCKETS = {TEXT_BUCKETS}): {ratios}")

@@ -136,8 +136,23 @@ def _check_references(config: dict, source: str) -> None:
                     problems.append(f"{key}: {name} starts from {init}'s weights, so its architecture must be "
                                     f"{init}'s; set " + ", ".join(f"clip_models.{name}.train.{k} to "
                                                                 f"{models[init]['train'][k]}" for k in differ))
+    problems += _missing_inputs(config)
     if problems:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _missing_inputs(config: dict) -> list[str]:
+    """COCO's inputs are downloaded only to where the schema puts them: a path the config changes
+    must exist (a mistyped path would otherwise be planned as a download into the typo)."""
+    if config["data"]["source"] != "karpathy":
+        return []
+    props, problems = schema()["properties"]["data"]["properties"], []
+    for key in ("karpathy_json", "image_root"):
+        value, default = config["data"][key], props[key]["default"]
+        if value != default and not Path(value).exists():
+            problems.append(f"data.{key}: {value} does not exist; correct the path to your copy, or leave the key "
+                            f"out and `snakemake download_all` fetches it to {default}")
+    return problems
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:

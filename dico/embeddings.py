@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .images import ImageFiles, collate
-from .io import InputError, torch_save
+from .io import Outputs
 
 
 @torch.no_grad()
@@ -23,15 +23,16 @@ def embed_images(evaluator, paths: list, *, batch_size: int = 64, device: str = 
     """L2-normalised image embeddings [N, D] (fp32, on the CPU), decoded with the evaluator's own
     preprocessing by `workers` processes (decoding, not the model, bounds CLIP scoring on a GPU).
 
-    An image that cannot be read raises, naming the file (and `split`; with `broken_hint`, as an
-    InputError ending in that hint) unless `skip_broken` (features.skip_broken_images): then its row is
-    NaN, so no score can silently use it; `skipped_rows` lists such rows.
+    An image that cannot be read raises, naming the file (and `split`) and what to do (`broken_hint`,
+    the command's own option; by default the pipeline's features.skip_broken_images), unless
+    `skip_broken`: then its row is NaN, so no score can silently use it; `skipped_rows` lists such rows.
     """
     from tqdm import tqdm
 
     if not paths:
         raise ValueError("no images to embed" + (f" (split {split!r} is empty)" if split else ""))
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, evaluator.preprocess, evaluator.image_size, split),
+    hint = {"hint": broken_hint} if broken_hint else {}
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, evaluator.preprocess, evaluator.image_size, split, **hint),
                                          batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          pin_memory=str(device).startswith("cuda"))
     out, broken = [], []
@@ -40,7 +41,7 @@ def embed_images(evaluator, paths: list, *, batch_size: int = 64, device: str = 
         if not ok.all():
             error = next(e for e in errors if e is not None)
             if not skip_broken:
-                raise InputError(f"{error}. {broken_hint}") if broken_hint else error
+                raise error
             broken += idx[~ok].tolist()
         embs = torch.full((len(idx), int(evaluator.embed_dim)), float("nan"))
         if ok.any():
@@ -60,21 +61,23 @@ def skipped_rows(image_embs: torch.Tensor) -> list[int]:
     return torch.isnan(image_embs.float()).any(dim=-1).nonzero().flatten().tolist()
 
 
-def cache_split(evaluator, name: str, split: str, records, out, *, device: str, skip_broken: bool = False,
-                log=print) -> torch.Tensor:
-    """Embed the images of one split's `records` and write the embeddings file `out`."""
-    t0 = time.time()
-    embs = embed_images(evaluator, [r.path for r in records], device=device, split=split, skip_broken=skip_broken,
-                        log=log)
-    torch_save({"model": name, "split": split, "image_ids": [r.image_id for r in records],
-                "skipped_images": [records[i].image_id for i in skipped_rows(embs)],
-                "embeddings": embs.half() if device.startswith("cuda") else embs}, out)
-    log(f"image embeddings {name}/{split}: {tuple(embs.shape)} in {time.time() - t0:.1f}s")
-    return embs
+def cache_embeddings(evaluator, name: str, jobs: list[tuple[str, list, str]], *, device: str,
+                     skip_broken: bool = False, log=print) -> None:
+    """The `cache_embeddings` step: for each (split, records, out), embed the images of the split's
+    `records` with the clip_models entry `name` and write the embeddings file `out`: every file or none."""
+    with Outputs() as files:
+        for split, records, out in jobs:
+            t0 = time.time()
+            embs = embed_images(evaluator, [r.path for r in records], device=device, split=split,
+                                skip_broken=skip_broken, log=log)
+            torch.save({"model": name, "split": split, "image_ids": [r.image_id for r in records],
+                        "skipped_images": [records[i].image_id for i in skipped_rows(embs)],
+                        "embeddings": embs.half() if device.startswith("cuda") else embs}, files.path(out))
+            log(f"image embeddings {name}/{split}: {tuple(embs.shape)} in {time.time() - t0:.1f}s")
 
 
 def load_embeddings(path: str | Path, records=None) -> torch.Tensor:
-    """The embeddings [N, D] (fp32) of a `cache_split` file; with `records`, checked to be theirs, in order."""
+    """The embeddings [N, D] (fp32) of a `cache_embeddings` file; with `records`, checked to be theirs, in order."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:

@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 
 
-def load_image(path: str | Path, split: str | None = None, draft_size: int | None = None):
-    """Open an image as RGB, with an error that names the file (and split) when it is broken.
+# what to do about an image that will not decode, in the pipeline (a command says its own option)
+PIPELINE_HINT = "replace the file, or set features.skip_broken_images: true to skip and count such images"
+
+
+def load_image(path: str | Path, split: str | None = None, draft_size: int | None = None, hint: str = PIPELINE_HINT):
+    """Open an image as RGB, with an error that names the file (and split) when it is broken, and
+    `hint`: what to do about it.
 
     `draft_size`: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, as small as
     keeps both sides >= draft_size (PIL `Image.draft`); other formats ignore it."""
@@ -31,24 +36,24 @@ def load_image(path: str | Path, split: str | None = None, draft_size: int | Non
         raise FileNotFoundError(f"image {path}{where} does not exist; check data.image_root in the "
                                 "config or rerun the download/demo step") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path}{where} cannot be decoded ({e}); replace the file, or set "
-                         "features.skip_broken_images: true to skip and count such images") from None
+        raise ValueError(f"image {path}{where} cannot be decoded ({e}); {hint}") from None
 
 
 class ImageFiles(torch.utils.data.Dataset):
     """Item i: (pixels [3, size, size], i, error): `preprocess` of image i and None, or zeros and the
     error (from `load_image`: it names the file) that kept it from decoding. Batch with `collate`."""
 
-    def __init__(self, paths, preprocess, size: int, split: str | None = None, draft_size: int | None = None):
+    def __init__(self, paths, preprocess, size: int, split: str | None = None, draft_size: int | None = None,
+                 hint: str = PIPELINE_HINT):
         self.paths, self.preprocess, self.size = list(paths), preprocess, size
-        self.split, self.draft_size = split, draft_size
+        self.split, self.draft_size, self.hint = split, draft_size, hint
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return self.preprocess(load_image(self.paths[i], self.split, self.draft_size)), i, None
+            return self.preprocess(load_image(self.paths[i], self.split, self.draft_size, self.hint)), i, None
         except (OSError, ValueError) as e:
             return torch.zeros(3, self.size, self.size), i, e
 

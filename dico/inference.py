@@ -12,7 +12,7 @@ from .checkpoint import check_backbone, load_captioner
 from .data import load_split
 from .decoding import beam_search
 from .features import FeatureStore, aligned_store
-from .io import write_json
+from .io import Outputs
 from .model import Captioner
 from .text import postprocess
 from .tokenizer import CaptionTokenizer
@@ -49,25 +49,29 @@ def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureSto
 def caption_splits(jobs: list[dict], splits_json, decoding: dict, amp: str, device: str, log=print) -> None:
     """The `generate` step: for each job ({"model": checkpoint, "split", "features": index.json, "out"}),
     the best beam of every image of the split, post-processed as `decoding.postprocess` says
-    (official: what the official save_predictions writes, `dico.text`), written as a COCO results list.
-    Consecutive jobs of one checkpoint load it once; a split's features load once for all checkpoints."""
-    stores, loaded = {}, None
-    for job in jobs:
-        path = job["model"]
-        if loaded != path:
-            model, tok, payload = load_captioner(path, device)
-            loaded = path
-        records = load_split(splits_json, job["split"])
-        if job["split"] not in stores:
-            stores[job["split"]] = aligned_store(job["features"], records, job["split"])
-        store = stores[job["split"]]
-        check_backbone(payload, store.grid, path)
-        t0 = time.time()
-        caps = generate_captions(model, tok, store, range(len(records)), beam_size=decoding["beam_size"],
-                                 max_len=decoding["max_len"], batch_size=decoding["batch_size"], device=device,
-                                 amp=amp, style=decoding["style"], length_penalty=decoding["length_penalty"],
-                                 progress=True)
-        final = postprocess(caps, decoding["postprocess"])
-        write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, final)])
-        log(f"{path} {job['split']}: {len(caps)} captions in {time.time() - t0:.1f}s -> {job['out']} (e.g. "
-            f"{final[0]!r}, decoded {caps[0]!r}, postprocess {decoding['postprocess']})")
+    (official: what the official save_predictions writes, `dico.text`), written as a COCO results list:
+    every file or none (dico.io.Outputs). Consecutive jobs of one checkpoint load it once; a split's
+    features load once for all checkpoints."""
+    stores, loaded = {}, (None, None)
+    with Outputs() as out:
+        for job in jobs:
+            if loaded[0] != job["model"]:
+                loaded = (job["model"], load_captioner(job["model"], device))
+            records = load_split(splits_json, job["split"])
+            if job["split"] not in stores:
+                stores[job["split"]] = aligned_store(job["features"], records, job["split"])
+            t0 = time.time()
+            caps, final = _caption(*loaded[1], stores[job["split"]], records, job["model"], decoding, amp, device)
+            out.write_json(job["out"], [{"image_id": r.image_id, "caption": c} for r, c in zip(records, final)])
+            log(f"{job['model']} {job['split']}: {len(caps)} captions in {time.time() - t0:.1f}s -> {job['out']} "
+                f"(e.g. {final[0]!r}, decoded {caps[0]!r}, postprocess {decoding['postprocess']})")
+
+
+def _caption(model, tok, payload, store, records, path, decoding: dict, amp: str, device: str):
+    """(decoded, post-processed) captions of every record by the checkpoint at `path`."""
+    check_backbone(payload, store.grid, path)
+    caps = generate_captions(model, tok, store, range(len(records)), beam_size=decoding["beam_size"],
+                             max_len=decoding["max_len"], batch_size=decoding["batch_size"], device=device,
+                             amp=amp, style=decoding["style"], length_penalty=decoding["length_penalty"],
+                             progress=True)
+    return caps, postprocess(caps, decoding["postprocess"])

@@ -33,9 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the leftovers of dead processes of this host (`remove_stale_temporaries`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file the user asked for, not the temporary beside it
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -48,6 +51,68 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", platform.node() or "host")
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", folder: bool = False) -> Path:
+    """Make sure a command can write `path` (a file, or with `folder` a folder to write into) before it
+    does any work: the folder exists (or is created) and takes a file; a file's path is not a folder.
+    Raises InputError naming `flag`, the path and why."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise InputError(f"{flag} {path}: is a folder; give the path of a file to write")
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.check.", dir=where):
+            pass
+    except OSError as e:
+        why = "a part of it is a file, not a folder" if isinstance(e, (NotADirectoryError, FileExistsError)) \
+            else e.strerror or type(e).__name__
+        raise InputError(f"{flag} {path}: cannot write there ({why}); choose a folder you can write to") from None
+    return path
+
+
+class Outputs:
+    """Several files written all or none: each goes to a temporary beside it (`atomic_path`), and they
+    are renamed into place together when the block ends without an error; on an error every temporary
+    is removed and no final file is touched.
+
+        with Outputs() as out:
+            out.write_json(a, ...)
+            out.write_text(b, ...)
+    """
+
+    def __init__(self):
+        self._open: list[tuple[contextlib.AbstractContextManager, Path]] = []
+
+    def path(self, path: str | os.PathLike) -> Path:
+        """A temporary to write `path`'s content to; it becomes `path` when the block succeeds."""
+        ctx = atomic_path(path)
+        tmp = ctx.__enter__()
+        self._open.append((ctx, tmp))
+        return tmp
+
+    def write_text(self, path, text: str) -> None:
+        self.path(path).write_text(text)
+
+    def write_json(self, path, obj: Any) -> None:
+        self.write_text(path, _json_text(obj))
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        pending, self._open, failure = self._open, [], None
+        for ctx, _ in pending:  # each renames its temporary onto its path, or (after an error) removes it
+            try:
+                if error is None and failure is None:
+                    ctx.__exit__(None, None, None)
+                else:
+                    ctx.__exit__(type(error or failure), error or failure, trace)
+            except BaseException as e:  # a rename failed: the rest are removed, the error goes up
+                failure = failure or e
+        if failure is not None and error is None:
+            raise failure
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
@@ -90,17 +155,46 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, _json_text(obj))
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
+def read_json(path: str | os.PathLike, unique_keys: bool = False) -> Any:
+    """The JSON file at `path` (UTF-8, a byte-order mark allowed). Errors name the file: not found, a
+    folder, not UTF-8 text, not valid JSON, and with `unique_keys` an object with a key twice (JSON
+    allows it, and the last one would silently win)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+        return json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a JSON file; give the file inside it") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.start} is {e.object[e.start:e.start + 1]!r}): "
+                         "is it the right file? Give a JSON file") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except _DuplicateKey as e:
+        raise InputError(f"{path}: key {e.args[0]!r} appears twice in one object; keep one (JSON readers keep "
+                         "the last silently)") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:

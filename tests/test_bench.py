@@ -85,3 +85,24 @@ def test_gpu_script_smoke_runs_every_section_and_writes_its_table(tmp_path):
     assert all(r["detail"].startswith("3 steps, device cpu, 1 process(es)") for r in train), train
     table = out[out.index("section  what"):]  # the printed table: a header and one line per row
     assert len([line for line in table.splitlines() if line and not line.startswith("#")]) == 1 + len(sections)
+
+
+def test_benchmark_lines_pass_the_format_check_of_run_py(monkeypatch):
+    """The line each benchmark prints goes through bench/run.py's own format check (LINE): with the
+    timing helpers returning fixed numbers, so only the lines are built (the cheap benchmarks here;
+    `python bench/run.py --quick` runs them all for real and applies the same check)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    import common
+
+    monkeypatch.setattr(common, "interleaved", lambda fns, repeats, warmup=1: {n: 0.1 * (i + 1) for i, n in
+                                                                               enumerate(fns)})
+    monkeypatch.setattr(common, "timed", lambda fn: 0.05)
+    spec = importlib.util.spec_from_file_location("dico_bench_run", ROOT / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    for name in ("cider", "jpeg_draft", "demo_clip_step", "text_embed", "load_evaluator", "scaling_beam"):
+        for line in bench_run.ALL[name](True):
+            assert bench_run.LINE.match(line), f"{name}: malformed benchmark line: {line!r}"

@@ -109,3 +109,20 @@ def test_seeds_plan_through_snakemake(tmp_path):
                      for r in runs if r not in ("xe", "xe_seed1", "xe_seed2")}
     table = re.search(r"dico report table-main .*?--metrics (.*?) --splits", text).group(1).split()
     assert sorted(table) == sorted(f"results/metrics/{r}/test.json" for r in seeded)
+
+
+def test_a_mistyped_input_path_fails_at_parse_time_instead_of_becoming_a_download(tmp_path):
+    """COCO's inputs are downloaded only to the schema's paths: a config that moves one to a path that
+    does not exist fails when it is read (by `dico` and by `snakemake -n`), naming the key."""
+    import subprocess
+
+    typo = {"data": {"karpathy_json": "resources/coco/datset_coco.json"}}
+    with pytest.raises(C.ConfigError, match=r"data.karpathy_json: resources/coco/datset_coco.json does not exist; "
+                                            r"correct the path .* fetches it to resources/coco/dataset_coco.json"):
+        C.load("config/paper.yaml", typo)
+    (tmp_path / "typo.yaml").write_text("data: {karpathy_json: resources/coco/datset_coco.json}\n")
+    out = subprocess.run(["snakemake", "-n", "--configfile", "config/paper.yaml", str(tmp_path / "typo.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "data.karpathy_json: resources/coco/datset_coco.json does not exist" in out.stdout + out.stderr
+    (tmp_path / "mine.json").write_text("{}")  # a copy of one's own, wherever it is, is taken as it is
+    assert C.load("config/paper.yaml", {"data": {"karpathy_json": str(tmp_path / "mine.json")}})

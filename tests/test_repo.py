@@ -145,3 +145,31 @@ def test_the_module_map_and_the_docs_name_what_exists():
                     break
                 i += 1
     assert not stale, stale
+
+
+def test_the_figures_and_commands_the_docs_quote_are_the_tools_own():
+    """The paper plan's job count in docs/cluster.md is what `snakemake -n --profile slurm` plans; every
+    `dico <command>` the README and docs show is a command of `dico`, every `snakemake ... <target>` a rule."""
+    from dico import cli
+
+    out = _snakemake("-n", "--profile", "slurm", "--quiet", "rules")
+    total = int(re.search(r"^total\s+(\d+)$", out.stdout + out.stderr, re.M).group(1))
+    cluster = (ROOT / "docs" / "cluster.md").read_text()
+    quoted = re.findall(r"(\d+) jobs \(`snakemake -n --profile slurm`\)|the plan: (\d+) jobs", cluster)
+    quoted = [a or b for a, b in quoted]  # the cost table's total and the commands' comment
+    assert quoted and set(map(int, quoted)) == {total}, (quoted, total)
+
+    commands = set(cli.build_parser()._actions[-1].choices)
+    rules = set(_snakemake("--list-rules", "--configfile", "config/paper.yaml").stdout.split())
+    with_value = {"--cores", "--profile", "--configfile", "--config", "--set-resources", "--report", "-j", "--jobs",
+                  "--sdm", "--software-deployment-method"}
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in re.split(r"\n|&&", block.replace("\\\n", " ")):
+                words = line.split("#")[0].split()
+                if words[:1] == ["dico"]:
+                    assert words[1] in commands, f"{doc.name}: `{line.strip()}`: no command {words[1]!r}"
+                if words[:1] == ["snakemake"]:
+                    targets = [w for prev, w in zip(words, words[1:]) if not w.startswith("-") and "=" not in w
+                               and prev not in with_value and not w.startswith("&")]
+                    assert set(targets) <= rules, f"{doc.name}: `{line.strip()}`: {set(targets) - rules}"

@@ -347,7 +347,7 @@ def test_nothing_to_score_is_an_error_not_a_zero(world):
 def test_references_without_the_requested_split_are_an_error(tmp_path):
     (tmp_path / "refs.json").write_text(json.dumps({"images": [
         {"cocoid": 1, "split": "train", "sentences": [{"raw": "a cat"}]}]}))
-    with pytest.raises(ValueError, match=r"refs.json: no references in split 'test'; check --split"):
+    with pytest.raises(ValueError, match=r"refs.json: no images in split 'test'; its splits are train: pass one"):
         load_references(tmp_path / "refs.json", "test")
 
 

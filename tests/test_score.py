@@ -302,16 +302,21 @@ def test_each_metric_subset_computes_exactly_what_was_asked(world, metrics):
     if shutil.which("java") is None and any(m in metrics for m in COCO_SUITE):
         pytest.skip("no java")
     ex = world["ex"]
-    r = score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images", metrics=metrics,
-                      clip=world["clip"], pac=world["clip"])
+    run = dict(images=ex / "images", metrics=metrics, clip=world["clip"], pac=world["clip"])
+    if metrics == "spice":  # asked for by name, and its jars are not here: an error before any work
+        with pytest.raises(ValueError, match="--metrics spice needs the Stanford CoreNLP 3.6.0 jars: give their "
+                                             "folder as --spice-jar-dir"):
+            score_files(ex / "good_captions.json", ex / "refs.json", **run)
+        r = score_files(ex / "good_captions.json", ex / "refs.json", **{**run, "metrics": None})  # every metric
+        assert r["reasons"]["SPICE"].startswith("not computed (Stanford CoreNLP 3.6.0 jars missing); looked for")
+        return
+    r = score_files(ex / "good_captions.json", ex / "refs.json", **run)
     computed = {k for k, v in r["metrics"].items() if v is not None}
     assert computed == SUBSETS[metrics]
     asked = metrics.split(",")
     for k in set(TABLE_KEYS) - computed:
         if not any(k in METRICS[m] for m in asked):
             assert r["reasons"][k] == "not requested (--metrics)"
-    if metrics == "spice":
-        assert r["reasons"]["SPICE"].startswith("not computed (Stanford CoreNLP 3.6.0 jars missing); looked for")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -364,10 +369,12 @@ def test_default_runs_everything_that_can_run_and_says_why_not_the_rest(world, c
 def test_without_java_the_coco_metrics_say_so(world, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     ex = world["ex"]
-    r = score_files(ex / "good_captions.json", ex / "refs.json", metrics="cider,pac-s", images=ex / "images",
-                      pac=world["clip"])
-    assert r["metrics"]["CIDEr"] is None and r["metrics"]["PAC-S"] is not None
+    r = score_files(ex / "good_captions.json", ex / "refs.json", images=ex / "images", pac=world["clip"])
+    assert r["metrics"]["CIDEr"] is None and r["metrics"]["PAC-S"] is not None  # every metric that can run
     assert r["reasons"]["CIDEr"].startswith("not computed: Java not found on PATH")
+    with pytest.raises(ValueError, match="--metrics cider needs Java on PATH"):  # asked for by name: an error
+        score_files(ex / "good_captions.json", ex / "refs.json", metrics="cider,pac-s", images=ex / "images",
+                    pac=world["clip"])
 
 
 # -- errors a user can act on --------------------------------------------------------------------
@@ -418,7 +425,7 @@ def test_image_that_will_not_decode(world, tmp_path, caplog, capsys):
                            world["ex"] / "refs.json", "--images", imgs, "--metrics", "clip-s", "--clip", world["clip"], capsys=capsys)
     assert code == 1
     assert f"image {imgs / 'image2.jpg'} cannot be decoded" in log
-    assert "Replace the file, or remove its entry from the candidates" in log
+    assert "replace the file, remove its entry from the candidates, or pass --skip-broken-images" in log
 
 
 def test_two_files_for_one_image_name(world, tmp_path, caplog, capsys):

@@ -42,6 +42,18 @@ def per_split(args, *names, runs: int = 1) -> list[dict]:
     return [{"index": i // len(args.split), **dict(zip(("split", *names), row))} for i, row in enumerate(rows)]
 
 
+def check_outputs(args, *names: str, folders: tuple[str, ...] = ()) -> None:
+    """Before any work: every output the command was given (--<name>, one path or a list; --<folder>, a
+    folder) can be written (dico.io.check_output), so a typo fails at once and not after the work."""
+    from ..io import check_output
+
+    for name in (*names, *folders):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value:
+                check_output(value, "--" + name.replace("_", "-"), folder=name in folders)
+
+
 def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
     """NAME=PATH arguments (--clip-model, --embeddings) -> {NAME: PATH}."""
     out = {}
@@ -59,3 +71,12 @@ def load_clip(spec: dict, path: str | None = None, device: str = "cpu"):
 
     return load_evaluator(path or spec["path"], format=spec.get("format", "openai"), arch=spec.get("arch"),
                           device=device)
+
+
+def command(sub, name: str, help: str, fn=None, description: str | None = None) -> argparse.ArgumentParser:
+    """One sub-command: its line in `dico --help`, what its own --help says it does, and the function it
+    runs (every family registers its commands through this one helper)."""
+    p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".")
+    if fn is not None:
+        p.set_defaults(fn=fn, parser=p)
+    return p

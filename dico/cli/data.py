@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from .. import config as C
-from .common import add_common, step_spec
+from .common import add_common, check_outputs, command, step_spec
 
 log = logging.getLogger("dico")
 
@@ -13,6 +13,7 @@ def cmd_make_demo_data(args):
     from ..demo import make_demo_data
 
     s = step_spec(args, C.demo_spec)
+    check_outputs(args, folders=("out_dir",))
     path = make_demo_data(args.out_dir, s["n_train"], s["n_val"], s["n_test"], s["image_size"], s["seed"],
                           refs_per_image=s["refs_per_image"])
     log.info("demo data written: %s", path)
@@ -22,6 +23,7 @@ def cmd_prepare_splits(args):
     """COCO's Karpathy file -> the split file; or, with --eval-set, one extra evaluation set's."""
     from ..data import normalise_karpathy
 
+    check_outputs(args, "out")
     if args.eval_set:
         return _prepare_eval_set(args)
     if not (args.karpathy_json and args.image_root):
@@ -47,16 +49,18 @@ def _prepare_eval_set(args):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("make-demo-data", help="generate the embedded demo data set")
+    p = command(sub, "make-demo-data", "generate the embedded demo data set", cmd_make_demo_data,
+                "Generate the demo's images (JPEG) and captions in the Karpathy schema (data.demo of the config).")
     add_common(p)
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(fn=cmd_make_demo_data)
+    p.add_argument("--out-dir", required=True, help="folder to write images/ and dataset_demo.json into")
 
-    p = sub.add_parser("prepare-splits", help="Karpathy-format file -> normalised split file")
+    p = command(sub, "prepare-splits", "Karpathy-format file -> normalised split file", cmd_prepare_splits,
+                "Write the normalised split file (train / val / test records) every later step reads, from a "
+                "Karpathy-format file and its image folder; or, with --eval-set, an extra evaluation set's.")
     add_common(p)
-    p.add_argument("--karpathy-json")
-    p.add_argument("--image-root")
-    p.add_argument("--max-refs", type=int, default=None)
+    p.add_argument("--karpathy-json", help="Karpathy-format file (dataset_coco.json, or the demo's dataset_demo.json)")
+    p.add_argument("--image-root", help="folder the Karpathy file's filepath/filename are relative to")
+    p.add_argument("--max-refs", type=int, default=None, help="keep at most this many references per image")
     p.add_argument("--eval-set", metavar="NAME", help="build evaluation set NAME of evaluate.datasets instead "
                    "(settings from --spec-json or --config)")
     p.add_argument("--train-from", help="with --eval-set: the captioner's split file (its train split counts "
@@ -64,5 +68,4 @@ def register(sub) -> None:
     p.add_argument("--retries", type=int, default=5, help="with --eval-set: attempts per image fetched by URL")
     p.add_argument("--timeout", type=float, default=60.0, help="with --eval-set: seconds per image request")
     p.add_argument("--fetch-workers", type=int, default=8, help="with --eval-set: parallel image downloads")
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_prepare_splits)
+    p.add_argument("--out", required=True, help="the split file to write (results/data/splits.json)")

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..download import fetch, fetch_zip
+from .common import check_outputs, command
 
 
 def _transfer_options(p: argparse.ArgumentParser):
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="where to fetch it from (http(s); a Google Drive link works)")
     p.add_argument("--sha256", help="expected sha256 (default: the one recorded at the first download, if any)")
     p.add_argument("--retries", type=int, default=5, help="extra attempts after a network error or a bad sha256")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _sha(value: str | None) -> str | None:
@@ -19,11 +21,17 @@ def _sha(value: str | None) -> str | None:
 
 
 def cmd_file(args):
+    check_outputs(args, "out")
     fetch(args.url, args.out, _sha(args.sha256), retries=args.retries, timeout=args.timeout,
           progress=not args.no_progress, force=args.force)
 
 
 def cmd_zip(args):
+    from ..io import check_output
+
+    check_outputs(args, "archive", *(["out"] if args.member else []))
+    if not args.member:  # the folder to unpack into appears when complete: its parent must take it
+        check_output(Path(args.out).parent, "--out", folder=True)
     fetch_zip(args.url, args.archive, args.out, member=args.member, sha256=_sha(args.sha256),
               keep_archive=args.keep_archive, retries=args.retries, timeout=args.timeout,
               progress=not args.no_progress)
@@ -31,20 +39,20 @@ def cmd_zip(args):
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `download file` and `download zip` to the `dico` parser."""
-    parser = subparsers.add_parser("download", help="resumable, sha256-checked downloads (weights, COCO, Karpathy)")
+    parser = command(subparsers, "download", "resumable, sha256-checked downloads (weights, COCO, Karpathy)",
+                     description="Fetch a file or a zip (what the pipeline's download rules run): resumable, "
+                     "checked against its size and sha256, renamed into place only when complete.")
     sub = parser.add_subparsers(dest="download_kind", required=True, metavar="KIND")
 
-    p = sub.add_parser("file", help="one file (CLIP / PAC-S / DiCO weights)")
+    p = command(sub, "file", "one file (CLIP / PAC-S / DiCO weights)", cmd_file)
     _transfer_options(p)
     p.add_argument("--out", required=True, help="where the file goes (nothing is fetched if it exists)")
     p.add_argument("--force", action="store_true", help="fetch even if --out exists")
-    p.set_defaults(fn=cmd_file)
 
-    p = sub.add_parser("zip", help="a zip archive, unpacked into a folder or reduced to one member")
+    p = command(sub, "zip", "a zip archive, unpacked into a folder or reduced to one member", cmd_zip)
     _transfer_options(p)
     p.add_argument("--archive", required=True, help="where the zip is downloaded to (resumable)")
     p.add_argument("--out", required=True, help="the folder to unpack into, or the file for --member")
     p.add_argument("--member", help="extract only the entry with this file name (e.g. dataset_coco.json)")
     p.add_argument("--keep-archive", action="store_true", help="keep the zip after unpacking")
-    p.set_defaults(fn=cmd_zip)
     return parser

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from .. import config as C
-from .common import add_common, device, load_clip, parse_named, per_split, step_spec
+from .common import add_common, check_outputs, command, device, load_clip, parse_named, per_split, step_spec
 
 log = logging.getLogger("dico")
 
@@ -18,6 +18,7 @@ def cmd_evaluate(args):
     from ..runtime import configure
 
     s = step_spec(args, C.evaluate_spec)
+    check_outputs(args, "out")
     if args.no_meteor:
         s["meteor"] = False
     if s["meteor"]:
@@ -41,21 +42,23 @@ def cmd_evaluate(args):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="score COCO-format captions files (in or outside the pipeline)")
+    p = command(sub, "evaluate", "score COCO-format captions files (in or outside the pipeline)", cmd_evaluate,
+                "Every metric of the paper's tables for captions of one or more splits of one or more runs, "
+                "with diversity statistics and provenance: the pipeline's evaluate step (with --splits and "
+                "cached embeddings), or anyone's captions (with --refs and --images).")
     add_common(p)
     p.add_argument("--captions", nargs="+", required=True,
                    help='per split (per run and split, run-major, with several --run): [{"image_id": ..., "caption": ...}, ...]')
-    p.add_argument("--split", nargs="+", default=["test"])
+    p.add_argument("--split", nargs="+", default=["test"], help="the split(s) the captions are of (default: test)")
     p.add_argument("--splits", help="normalised split file (pipeline)")
     p.add_argument("--refs", help="references: Karpathy dataset_*.json, COCO captions_*.json or a split file")
     p.add_argument("--images", help="image folder (with --refs)")
     p.add_argument("--subset", action="store_true", help="score only the referenced images that have captions")
     p.add_argument("--clip-model", action="append", help="NAME=PATH overriding clip_models.<NAME>.path")
     p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
-    p.add_argument("--no-meteor", action="store_true")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (its JVM loads for ~15 s)")
     p.add_argument("--skip-broken-images", action="store_true",
                    help="leave unreadable images out of every metric (listed in the JSON) instead of failing")
     p.add_argument("--run", nargs="+", help="run name(s) (default: external)")
     p.add_argument("--model-checkpoint", nargs="+", help="captioner checkpoint per run, for provenance")
     p.add_argument("--out", nargs="+", required=True, help="metrics JSON per split (per run and split, as --captions)")
-    p.set_defaults(fn=cmd_evaluate)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from .. import config as C
-from .common import add_common, device, load_clip, step_spec
+from .common import add_common, check_outputs, command, device, load_clip, step_spec
 
 log = logging.getLogger("dico")
 
@@ -14,6 +14,7 @@ def cmd_train_clip(args):
     from ..runtime import configure
 
     s = step_spec(args, lambda c: C.clip_model_spec(c, args.name))
+    check_outputs(args, "out", "stats")
     configure(s["train"]["seed"], True, args.threads)
     train_standin(s, args.splits, args.out, init=args.init, stats_out=args.stats, workers=args.threads or 1,
                   log=log.info)
@@ -26,6 +27,7 @@ def cmd_cache_features(args):
     from ..runtime import configure
 
     s = step_spec(args, C.features_spec)
+    check_outputs(args, folders=("out_dir",))
     records = load_split(args.splits, args.split)
     checkpoint = args.checkpoint or s["model"]["path"]
     sizes = dict(shard_size=s["shard_size"], dtype=s["dtype"], jpeg_draft=s["jpeg_draft"], amp=s["amp"])
@@ -57,47 +59,51 @@ def cmd_cache_features(args):
 
 def cmd_cache_embeddings(args):
     from ..data import load_split
-    from ..embeddings import cache_split
+    from ..embeddings import cache_embeddings
     from ..runtime import configure
     from .common import per_split
 
     s = step_spec(args, lambda c: C.clip_model_spec(c, args.name))
+    check_outputs(args, "out")
+    jobs = [(job["split"], load_split(args.splits, job["split"]), job["out"]) for job in per_split(args, "out")]
     configure(0, True, args.threads)
     dev = device(s["device"])
-    evaluator = load_clip(s, args.checkpoint, dev)
-    for job in per_split(args, "out"):  # one model load for all the splits of the job
-        cache_split(evaluator, s["name"], job["split"], load_split(args.splits, job["split"]), job["out"], device=dev,
-                    skip_broken=args.skip_broken_images or s.get("skip_broken_images", False), log=log.info)
+    evaluator = load_clip(s, args.checkpoint, dev)  # one model load for all the splits of the job
+    cache_embeddings(evaluator, s["name"], jobs, device=dev, log=log.info,
+                     skip_broken=args.skip_broken_images or s.get("skip_broken_images", False))
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-clip", help="train a tiny demo CLIP model (backbone / reward / scorer)")
+    p = command(sub, "train-clip", "train a tiny demo CLIP model (backbone / reward / scorer)", cmd_train_clip,
+                "Train one of the demo's CLIP stand-ins (a clip_models entry with source demo) on the demo data "
+                "and save it in the PAC-S checkpoint layout, with its retrieval figures.")
     add_common(p)
     p.add_argument("--name", required=True, help="clip_models entry")
-    p.add_argument("--splits", required=True)
+    p.add_argument("--splits", required=True, help="the normalised split file (train and val are read)")
     p.add_argument("--init", help="checkpoint of the entry that train.init names (the weights to start from)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the checkpoint to write (results/clip_models/<name>.pt)")
     p.add_argument("--stats", help="write the training figures and val retrieval R@1 here (JSON)")
-    p.set_defaults(fn=cmd_train_clip)
 
-    p = sub.add_parser("cache-features", help="grid features of the frozen backbone for one split")
+    p = command(sub, "cache-features", "grid features of the frozen backbone for one split", cmd_cache_features,
+                "Compute the frozen backbone's grid features of every image of a split once and store them as "
+                "fp16 shards (resumable), or one part of them (--part/--parts), or check the parts (--gather).")
     add_common(p)
-    p.add_argument("--splits", required=True)
-    p.add_argument("--split", required=True)
+    p.add_argument("--splits", required=True, help="the normalised split file")
+    p.add_argument("--split", required=True, help="the split to cache (train, val, test, or an evaluation set's name)")
     p.add_argument("--checkpoint", help="backbone weights (default: clip_models.<backbone>.path)")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="folder of the shards and index.json")
     p.add_argument("--part", type=int, help="cache only the shards of part K (0-based) of --parts (features.jobs)")
     p.add_argument("--parts", type=int, help="number of part jobs the split is scattered over")
     p.add_argument("--gather", type=int, metavar="N", help="check the shards of N part jobs and write index.json")
-    p.set_defaults(fn=cmd_cache_features)
 
-    p = sub.add_parser("cache-embeddings", help="image embeddings of a CLIP model for one or more splits")
+    p = command(sub, "cache-embeddings", "image embeddings of a CLIP model for one or more splits",
+                cmd_cache_embeddings, "Embed every image of one or more splits with a clip_models entry (a "
+                "scorer or reward model) once, for training rewards, validation and evaluation.")
     add_common(p)
     p.add_argument("--name", required=True, help="clip_models entry")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--split", nargs="+", required=True)
-    p.add_argument("--checkpoint")
+    p.add_argument("--splits", required=True, help="the normalised split file")
+    p.add_argument("--split", nargs="+", required=True, help="the splits to embed, one --out each")
+    p.add_argument("--checkpoint", help="the model's weights (default: clip_models.<name>.path)")
     p.add_argument("--skip-broken-images", action="store_true",
                    help="NaN embedding for an unreadable image instead of failing (features.skip_broken_images)")
     p.add_argument("--out", nargs="+", required=True, help="embeddings file per split")
-    p.set_defaults(fn=cmd_cache_embeddings)

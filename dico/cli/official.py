@@ -3,21 +3,27 @@ from __future__ import annotations
 
 import argparse
 
+from .common import check_outputs, command
+
 
 def cmd_convert(args):
     from ..official import convert
 
+    check_outputs(args, "out")
     convert(args.src, args.out, backbone=args.backbone, sha256=args.sha256, trust_pickle=args.trust_pickle)
 
 
 def cmd_export(args):
     from ..official import export
 
+    check_outputs(args, *(["out"] if args.zip else []), folders=() if args.zip else ("out",))
     export(args.checkpoint, args.out, zip=args.zip, backbone_checkpoint=args.backbone_checkpoint, weights=args.weights)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert-official", help="released DiCO checkpoint (HF layout) -> our captioner checkpoint")
+    p = command(subparsers, "convert-official", "released DiCO checkpoint (HF layout) -> our captioner checkpoint",
+                cmd_convert, "Map the released DiCO checkpoint (aimagelab/DiCO: an HF save_pretrained folder, its "
+                "zip or tar, or its weights file) onto our captioner and write it as one of our checkpoints.")
     p.add_argument("--src", required=True, help="the release: HF folder, its zip/tar, or pytorch_model.bin / "
                    "model.safetensors (config.json beside it)")
     p.add_argument("--out", required=True, help="captioner checkpoint to write, e.g. results/runs/dico_official/model.pt")
@@ -26,9 +32,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "folder), checked first; a pinned file may pickle more than tensors")
     p.add_argument("--trust-pickle", action="store_true", help="official.trust_pickle: unpickle weights that hold "
                    "Python objects besides tensors (can run code from the file)")
-    p.set_defaults(fn=cmd_convert)
-    e = subparsers.add_parser("export-official", help="our captioner checkpoint -> the released DiCO checkpoint's "
-                              "layout (HF save_pretrained folder of the official VisionEncoderDecoderModel)")
+    e = command(subparsers, "export-official", "our captioner checkpoint -> the released DiCO checkpoint's layout",
+                cmd_export, "Write one of our captioner checkpoints in the release's layout (the HF save_pretrained "
+                "folder of the official VisionEncoderDecoderModel), which the transformers classes load.")
     e.add_argument("--checkpoint", required=True, help="our captioner checkpoint (model.vocab: full), e.g. "
                    "results/runs/dico/model.pt")
     e.add_argument("--out", required=True, help="the folder to write (or the zip, with --zip)")
@@ -37,5 +43,4 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "frozen vision tower as encoder.vision_encoder.*")
     e.add_argument("--weights", default="pytorch_model.bin", choices=["pytorch_model.bin", "model.safetensors"],
                    help="weights file (transformers 4.20, which the official code pins, writes pytorch_model.bin)")
-    e.set_defaults(fn=cmd_export)
     return p

@@ -11,7 +11,7 @@ from ..report.inputs import dataset_name, load_metrics, load_reported
 from ..report.figures import figure_ablations, figure_qualitative, figure_tradeoff, figure_training_curves
 from ..report.table import write_table
 from ..report.tables import ablation_table, main_table, ood_table
-from .common import step_spec
+from .common import check_outputs, command, step_spec
 
 log = logging.getLogger("dico")
 
@@ -32,6 +32,7 @@ def _by_run(paths: list[str], what: str) -> dict[str, str]:
 
 
 def cmd_table_main(args):
+    check_outputs(args, "out")
     spec = _report_spec(args)
     table = main_table(load_metrics(args.metrics), spec, load_reported(args.reported), dataset_name(args.splits))
     write_table(table, args.out, "dico report table-main", args.reported, [args.splits] if args.splits else [])
@@ -39,6 +40,7 @@ def cmd_table_main(args):
 
 
 def cmd_table_ablation(args):
+    check_outputs(args, "out")
     spec = _report_spec(args)
     table = ablation_table(args.ablation, load_metrics(args.metrics), spec, load_reported(args.reported),
                            dataset_name(args.splits))
@@ -48,6 +50,7 @@ def cmd_table_ablation(args):
 
 
 def cmd_table_ood(args):
+    check_outputs(args, "out")
     spec = step_spec(args, C.ood_report_spec)
     per_set: dict[str, list[str]] = {}
     for item in args.metrics:
@@ -62,21 +65,25 @@ def cmd_table_ood(args):
 
 
 def cmd_figure_training_curves(args):
+    check_outputs(args, "out")
     figure_training_curves(_by_run(args.logs, "train log"), args.out, _report_spec(args))
     log.info("training curves -> %s", args.out)
 
 
 def cmd_figure_tradeoff(args):
+    check_outputs(args, "out")
     figure_tradeoff(load_metrics(args.metrics), args.out, _report_spec(args))
     log.info("trade-off figure -> %s", args.out)
 
 
 def cmd_figure_ablations(args):
+    check_outputs(args, "out")
     figure_ablations(load_metrics(args.metrics), args.out, _report_spec(args))
     log.info("ablations figure -> %s", args.out)
 
 
 def cmd_figure_qualitative(args):
+    check_outputs(args, "out")
     spec = _report_spec(args)
     n = args.n_images or spec.get("report", {}).get("qualitative_images", 6)
     figure_qualitative(_by_run(args.captions, "captions"), args.splits, args.out, n, spec)
@@ -84,17 +91,18 @@ def cmd_figure_qualitative(args):
 
 
 def _target(sub, name: str, help: str, fn, out_help: str):
-    p = sub.add_parser(name, help=help, description=help)
+    p = command(sub, name, help, fn)
     p.add_argument("--config", default="config/config.yaml", help="config YAML (ignored with --spec-json)")
     p.add_argument("--spec-json", help="dico.config.report_spec (or a slice of it), as the Snakefile passes it")
     p.add_argument("--out", required=True, help=out_help)
-    p.set_defaults(fn=fn)
     return p
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `report` with one sub-command per table and figure to the `dico` parser."""
-    parser = subparsers.add_parser("report", help="LaTeX tables and figures from metrics, logs and captions")
+    parser = command(subparsers, "report", "LaTeX tables and figures from metrics, logs and captions",
+                     description="The paper's tables (booktabs LaTeX, a CSV twin, provenance) and figures (PDF, "
+                     "PNG, provenance), one TARGET each, from the metrics files, training logs and captions.")
     sub = parser.add_subparsers(dest="report_target", required=True, metavar="TARGET")
     tex = "the .tex to write (the .csv twin and .provenance.json go beside it)"
     pdf = "the .pdf to write (the .png and .provenance.json go beside it)"

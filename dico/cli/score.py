@@ -2,15 +2,19 @@
 and with --correlation their Kendall tau against human judgements."""
 from __future__ import annotations
 
+import logging
+
 from ..io import InputError
 from ..metrics.keys import METRICS
+from .common import check_outputs, command
 
+log = logging.getLogger("dico")
 SCORE_HELP = "`dico score`: the paper's metrics for anyone's captions, with no config file."
 
 
 def register(sub) -> None:
-    p = sub.add_parser("score", help="score anyone's captions (pacscore / pycocoevalcap drop-in; no config)",
-                       description=SCORE_HELP)
+    p = command(sub, "score", "score anyone's captions (pacscore / pycocoevalcap drop-in; no config)", cmd_score,
+                SCORE_HELP)
     p.add_argument("--captions", help="candidates: COCO results list or pacscore's {name: caption}")
     p.add_argument("--refs", help="references: pacscore {name: [captions]}, COCO captions_*.json, Karpathy "
                                   "dataset_*.json or a dico split file")
@@ -32,9 +36,11 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding worker processes (default: half the CPU cores, at most 8; 0 = none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip-broken-images", action="store_true",
+                   help="leave an image that cannot be read out of every metric (counted and listed in --out) "
+                        "instead of stopping")
     p.add_argument("--out", help="metrics JSON (a 'metrics' object with the pipeline's keys, and provenance)")
     p.add_argument("--per-caption", help="CSV with one row per image (per judgement with --correlation)")
-    p.set_defaults(fn=cmd_score)
 
 
 def _workers(n: int | None) -> int:
@@ -50,6 +56,7 @@ def cmd_score(args) -> None:
     from ..metrics.score_files import format_table, score_files, write_outputs
     from ..runtime import select_device
 
+    check_outputs(args, "out", "per_caption")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
@@ -60,12 +67,13 @@ def cmd_score(args) -> None:
         if args.captions or args.refs:
             raise InputError("--correlation reads candidates, references and ratings from its own file; "
                              "drop --captions/--refs")
-        result = correlation_files(args.correlation, **common)
+        result = correlation_files(args.correlation, skip_broken=args.skip_broken_images, **common)
         print(format_correlation(result))
     else:
         if not (args.captions and args.refs):
             raise InputError("give --captions FILE and --refs FILE (or --correlation FILE)")
-        result = score_files(args.captions, args.refs, split=args.split, **common)
+        result = score_files(args.captions, args.refs, split=args.split, skip_broken=args.skip_broken_images,
+                             log=log.warning, **common)
         print(format_table(result["metrics"], result["reasons"]))
     write_outputs(result, args.out, args.per_caption)
 

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from .. import config as C
-from .common import add_common, device, load_clip, parse_named, step_spec
+from .common import add_common, check_outputs, command, device, load_clip, parse_named, step_spec
 
 log = logging.getLogger("dico")
 
@@ -16,6 +16,7 @@ def cmd_train(args):
     from ..train import train_finetune, train_xe
 
     spec = step_spec(args, lambda c: C.run_spec(c, args.run))
+    check_outputs(args, "out_model", "out_log")
     dist = Dist()
     configure(spec["seed"] + dist.rank, spec["deterministic"], args.threads)  # dropout differs per rank
     dev = dist.setup(device(spec["device"]))
@@ -52,16 +53,18 @@ def _clip_models(spec: dict, args, dev: str) -> tuple[dict, dict]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train one run: xe, scst_<reward>, dico, dico_<ablation>-<value>")
+    p = command(sub, "train", "train one run: xe, scst_<reward>, dico, dico_<ablation>-<value>", cmd_train,
+                "Train one run of the config (XE, SCST with a reward, DiCO or an ablation point) on cached "
+                "features, validate it every val_every steps and write the selected checkpoint and the "
+                "training log; resumes from its work folder after a kill (torchrun -m dico train ...).")
     add_common(p)
     p.add_argument("run", help="run name (positional: torchrun would take --run for its --run-path)")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--features-train", required=True)
-    p.add_argument("--features-val", required=True)
+    p.add_argument("--splits", required=True, help="the normalised split file")
+    p.add_argument("--features-train", required=True, help="index.json of the train split's features")
+    p.add_argument("--features-val", required=True, help="index.json of the val split's features")
     p.add_argument("--init", help="XE checkpoint to fine-tune (scst/dico)")
     p.add_argument("--clip-model", action="append", help="NAME=PATH of a clip_models checkpoint")
     p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
     p.add_argument("--work-dir", help="resumable state (default: <out-model dir>/work)")
-    p.add_argument("--out-model", required=True)
-    p.add_argument("--out-log", required=True)
-    p.set_defaults(fn=cmd_train)
+    p.add_argument("--out-model", required=True, help="the selected checkpoint to write (results/runs/<run>/model.pt)")
+    p.add_argument("--out-log", required=True, help="the training log to write (JSONL, one row per log or validation)")

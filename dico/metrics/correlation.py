@@ -16,7 +16,7 @@ from pathlib import Path
 from ..io import InputError, provenance, read_json, sha256_file
 from .inputs import COCO_ONLY, ImageFolder, _captions
 from .keys import KEYS
-from .score_files import clip_scorers, clip_settings, load_scorers, parse_metrics
+from .score_files import clip_scorers, clip_settings, load_scorers, parse_metrics, refuse_what_cannot_run
 from .scoring import compute
 
 
@@ -72,9 +72,10 @@ def kendall(values, ratings) -> dict:
 
 
 def correlation_files(path, *, images=None, metrics=None, clip=None, pac=None, clip_arch=None, pac_arch=None,
-                      spice_jar_dir=None, device="cpu", batch_size=64, workers=0) -> dict:
+                      spice_jar_dir=None, device="cpu", batch_size=64, workers=0, skip_broken=False) -> dict:
     t0 = time.time()
     wanted = parse_metrics(metrics) if isinstance(metrics, str) or metrics is None else list(metrics)
+    refuse_what_cannot_run(wanted, images, clip, pac, spice_jar_dir)
     judgements, nan = load_judgements(path)
     paths = None
     if images is not None:
@@ -89,7 +90,11 @@ def correlation_files(path, *, images=None, metrics=None, clip=None, pac=None, c
                                      f"images, or leave out the CLIP metrics ({COCO_ONLY})")
         paths = [found[j.image] for j in judgements]
     scorers = load_scorers(clip, pac, wanted, device, clip_arch, pac_arch)
-    clip_in = clip_scorers(scorers, paths, device, batch_size, workers)
+    clip_in, broken = clip_scorers(scorers, paths, device, batch_size, workers, skip_broken)
+    if broken:  # judgements of an unreadable image are left out of every metric
+        keep = [n for n, p in enumerate(paths) if p not in broken]
+        judgements = [judgements[n] for n in keep]
+        clip_in = {k: v if isinstance(v, str) else (v[0], v[1][keep], v[2]) for k, v in clip_in.items()}
     _, per, reasons = compute([j.caption for j in judgements], [j.refs for j in judgements], wanted, clip_in,
                               spice_jar_dir)
     ratings = [j.rating for j in judgements]

@@ -41,7 +41,7 @@ def _is_id(x) -> bool:
 def load_candidates(path: str | Path) -> dict:
     """{image id: caption} from a COCO results list or pacscore's {name: caption}."""
     path = Path(path)
-    data = read_json(path)
+    data = read_json(path, unique_keys=True)
     out: dict = {}
     if isinstance(data, list):
         for n, item in enumerate(data):
@@ -80,6 +80,7 @@ class References:
     refs: dict
     files: dict = field(default_factory=dict)
     aliases: dict = field(default_factory=dict)
+    unannotated: set = field(default_factory=set)  # images a COCO file lists without any caption
 
     def alias(self, name: str, image_id) -> None:
         # a name shared by two images is ambiguous: remember that, so a candidate using it fails clearly
@@ -118,16 +119,21 @@ def load_references(path: str | Path, split: str | None = None) -> References:
 
 
 def _split_file(path: Path, data: dict, split: str) -> References:
-    if split not in data.get("splits", {}):
-        raise InputError(f"{path}: no split {split!r} (has {', '.join(data.get('splits', {}))}); pass --split")
+    splits, root = data.get("splits"), data.get("image_root", "")
+    if not isinstance(splits, dict) or not isinstance(root, str):
+        raise InputError(f"{path}: a dico split file without a 'splits' object or an 'image_root' string; "
+                         "regenerate it with `dico prepare-splits`")
+    if split not in splits:
+        raise InputError(f"{path}: no split {split!r} (has {', '.join(map(str, splits)) or 'none'}); pass --split")
+    if not isinstance(splits[split], list):
+        raise InputError(f"{path}: splits.{split} is not a list of images; regenerate it with `dico prepare-splits`")
     out = References(path, f"dico split file ({split})", {})
-    root = Path(data.get("image_root", ""))
-    for n, r in enumerate(data["splits"][split]):
-        if not isinstance(r, dict) or not _is_id(r.get("image_id")) or "file" not in r:
+    for n, r in enumerate(splits[split]):
+        if not isinstance(r, dict) or not _is_id(r.get("image_id")) or not isinstance(r.get("file"), str):
             raise InputError(f"{path}: splits.{split}[{n}] is malformed; regenerate it with `dico prepare-splits`")
         i = r["image_id"]
         out.refs[i] = _captions(path, f"splits.{split}[{n}].captions", r.get("captions"))
-        out.files[i] = [r["file"], str(root / r["file"])]
+        out.files[i] = [r["file"], str(Path(root) / r["file"])]
         _alias_file(out, r["file"], i)
     return out
 
@@ -139,15 +145,25 @@ def _coco_captions(path: Path, data: dict) -> References:
             raise InputError(f"{path}: annotations[{n}] is not an {{\"image_id\", \"caption\": str}} object "
                              f"({a!r:.100}); give {REFERENCE_FORMATS}")
         out.refs.setdefault(a["image_id"], []).append(a["caption"])
-    for im in data.get("images") or []:
-        if isinstance(im, dict) and im.get("id") in out.refs and isinstance(im.get("file_name"), str):
-            out.files[im["id"]] = [im["file_name"]]
-            _alias_file(out, im["file_name"], im["id"])
+    images = data.get("images") if isinstance(data.get("images"), list) else []
+    for im in images:
+        if not (isinstance(im, dict) and _is_id(im.get("id"))):
+            continue
+        name = im.get("file_name") if isinstance(im.get("file_name"), str) else None
+        if im["id"] not in out.refs:
+            out.unannotated.update({im["id"], str(im["id"]), *([name, Path(name).stem] if name else [])})
+        elif name:
+            out.files[im["id"]] = [name]
+            _alias_file(out, name, im["id"])
     return out
 
 
 def _karpathy(path: Path, data: dict, split: str | None) -> References:
     out = References(path, "Karpathy" + (f" ({split})" if split else ""), {})
+    splits = sorted({str(im.get("split")) for im in data["images"] if isinstance(im, dict)})
+    if split is not None and split not in splits and not (split == "train" and "restval" in splits):
+        raise InputError(f"{path}: no images in split {split!r}; its splits are {', '.join(splits)}: pass one of "
+                         "them as --split")
     for n, im in enumerate(data["images"]):
         where = f"images[{n}]"
         if not isinstance(im, dict) or not isinstance(im.get("sentences"), list) or not (
@@ -191,6 +207,11 @@ def match(cands: dict, refs: References, cand_path) -> dict:
     if ambiguous:
         raise InputError(f"{cand_path}: candidate {ambiguous[0]!r} names more than one image of {refs.path} "
                          "(two images share that file name); name candidates by image id")
+    unannotated = [k for k in missing if k in refs.unannotated or str(k) in refs.unannotated]
+    if unannotated:
+        raise InputError(f"{cand_path}: candidate {unannotated[0]!r} is an image of {refs.path} with no caption in its "
+                         f"'annotations' ({len(unannotated)} such candidates): there are no references to score it "
+                         "against; leave it out of the candidates or add its references")
     if missing:
         examples = ", ".join(repr(k) for k in list(refs.refs)[:3])
         raise InputError(f"{cand_path}: {len(missing)} of {len(cands)} candidates have no reference in {refs.path} "

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..checkpoint import run_provenance
 from ..data import ImageRecord, load_split
 from ..embeddings import embed_images, load_embeddings, skipped_rows
-from ..io import InputError, provenance, write_json
+from ..io import InputError, Outputs, provenance
 from .coco import ptb_prefetch, require_java
 from .diversity import diversity
 from .inputs import ImageFolder, _lookup, _number, load_candidates, load_references
@@ -76,21 +76,27 @@ def evaluate_jobs(jobs: list[dict], spec: dict, evaluators: dict, *, splits_json
         ptb_prefetch([c for job in jobs for c in job["texts"].values()] +
                      [c for split in dict.fromkeys(j["split"] for j in jobs)
                       for r in load_split(splits_json, split) for c in r.captions])
-    for job in jobs:
-        t0 = time.time()
-        records = (load_split(splits_json, job["split"]) if splits_json else
-                   _reference_records(refs, job["split"], job, images, subset))
-        image_embs = {name: _image_embeddings(ev, name, job["split"], records, embeddings or {}, skip_broken,
-                                              device, log) for name, ev in evaluators.items()}
-        result = score_split(job["texts"], records, spec, evaluators, image_embs, train_caps, grammar)
-        run_prov = run_provenance(job["model_checkpoint"]) if job.get("model_checkpoint") else None
-        write_json(job["out"], {"run": job["run"], "split": job["split"], "captions": str(job["captions"]),
-                                "n_images": len(records), **result,
-                                "provenance": provenance(spec, seed=run_prov["seed"] if run_prov else None,
-                                                         device=device, wall_time_s=time.time() - t0,
-                                                         run_provenance=run_prov)})
-        log(f"{job['run']}/{job['split']}: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
-                                                          for k, v in result["metrics"].items()))
+    with Outputs() as out:  # every metrics file, or none
+        for job in jobs:
+            out.write_json(job["out"], _evaluate_job(job, spec, evaluators, splits_json, refs, images, subset,
+                                                     embeddings or {}, skip_broken, train_caps, grammar, device, log))
+
+
+def _evaluate_job(job, spec, evaluators, splits_json, refs, images, subset, embeddings, skip_broken, train_caps,
+                  grammar, device, log) -> dict:
+    """The metrics JSON of one job of `evaluate_jobs`."""
+    t0 = time.time()
+    records = (load_split(splits_json, job["split"]) if splits_json else
+               _reference_records(refs, job["split"], job, images, subset))
+    image_embs = {name: _image_embeddings(ev, name, job["split"], records, embeddings, skip_broken, device, log)
+                  for name, ev in evaluators.items()}
+    result = score_split(job["texts"], records, spec, evaluators, image_embs, train_caps, grammar)
+    run_prov = run_provenance(job["model_checkpoint"]) if job.get("model_checkpoint") else None
+    log(f"{job['run']}/{job['split']}: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a"
+                                                      for k, v in result["metrics"].items()))
+    return {"run": job["run"], "split": job["split"], "captions": str(job["captions"]), "n_images": len(records),
+            **result, "provenance": provenance(spec, seed=run_prov["seed"] if run_prov else None, device=device,
+                                               wall_time_s=time.time() - t0, run_provenance=run_prov)}
 
 
 def _image_embeddings(evaluator, name: str, split: str, records, embeddings: dict, skip_broken: bool, device: str,
@@ -100,7 +106,8 @@ def _image_embeddings(evaluator, name: str, split: str, records, embeddings: dic
     if key in embeddings:
         return load_embeddings(embeddings[key], records).to(device)
     return embed_images(evaluator, [r.path for r in records], device=device, split=split, skip_broken=skip_broken,
-                        log=log).to(device)
+                        broken_hint="replace the file, or pass --skip-broken-images to leave such images out of "
+                                    "every metric", log=log).to(device)
 
 
 def _reference_records(refs_path, split: str, job: dict, images, subset: bool) -> list[ImageRecord]:

@@ -74,9 +74,11 @@ def _load_pickle(path: Path, trusted: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError naming the global, or a file that is no torch file at all
         glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if glob is None:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint "
-                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        if glob is None:  # torch's own advice (load with weights_only=False) would be wrong here: not a checkpoint
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()
+                          and "weights_only" not in line), "")
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (neither torch.save's zip nor a complete "
+                             f"pickle: {type(e).__name__}: {first[:160]}); download the release again") from None
         if not trusted:
             raise ValueError(
                 f"{path} pickles a Python object ({glob.group(1)}) besides tensors, so reading it would run code "
@@ -138,12 +140,14 @@ def _read_release(src: Path, trusted: bool) -> tuple[dict, dict | None]:
         with tempfile.TemporaryDirectory(prefix=".official-", dir=near) as tmp:
             try:
                 return _read_release(_unpack(src, Path(tmp)), trusted)
-            except ValueError as e:  # name the archive the user has, not the temporary it was unpacked to
-                raise ValueError(f"{src}: {str(e).replace(tmp + os.sep, '')}") from None
+            except (ValueError, FileNotFoundError) as e:  # name the archive the user has, not the temporary
+                text = str(e).replace(tmp + os.sep, "").replace(tmp, "the archive")
+                raise type(e)(f"{src}: {text}") from None
     if src.is_dir():
         weights, config = _find(src, WEIGHT_FILES), _find(src, ["config.json"])
         if weights is None:
-            raise FileNotFoundError(f"{src}: no {' / '.join(WEIGHT_FILES)} inside")
+            raise FileNotFoundError(f"{src}: no {' / '.join(WEIGHT_FILES)} inside; give the release's folder, its "
+                                    "zip or tar, or its weights file")
     else:
         weights, config = src, src.with_name("config.json")
     hf_config = json.loads(config.read_text()) if config is not None and config.exists() else None

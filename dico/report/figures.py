@@ -6,7 +6,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from ..io import atomic_path, git_commit, read_json, write_json
+from ..io import Outputs, git_commit, read_json
 from .inputs import base_run, group_by_run
 from .labels import ABLATION_SYMBOLS, ablation_values, default_value, reward_label, run_label, run_order
 from .table import provenance_path, source_record, summarise
@@ -28,18 +28,19 @@ def _pyplot():
 
 
 def save_figure(fig, out_pdf, command: str, inputs: list[dict], **extra) -> dict:
-    """PDF + PNG (same stem) + provenance, each written atomically."""
+    """PDF + PNG (same stem) + provenance, all three or none (dico.io.Outputs)."""
     plt = _pyplot()
     out_pdf = Path(out_pdf)
-    with atomic_path(out_pdf) as tmp:
-        # No creation date: the same inputs give the same bytes.
-        fig.savefig(tmp, format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
-    with atomic_path(out_pdf.with_suffix(".png")) as tmp:
-        fig.savefig(tmp, format="png", dpi=200, bbox_inches="tight")
-    plt.close(fig)
     prov = {"output": str(out_pdf), "png": str(out_pdf.with_suffix(".png")), "command": command,
             "dico_git_commit": git_commit(), "inputs": inputs, **extra}
-    write_json(provenance_path(out_pdf), prov)
+    try:
+        with Outputs() as out:
+            # No creation date: the same inputs give the same bytes.
+            fig.savefig(out.path(out_pdf), format="pdf", bbox_inches="tight", metadata={"CreationDate": None})
+            fig.savefig(out.path(out_pdf.with_suffix(".png")), format="png", dpi=200, bbox_inches="tight")
+            out.write_json(provenance_path(out_pdf), prov)
+    finally:
+        plt.close(fig)
     return prov
 
 

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import git_commit, write_json, write_text
+from ..io import Outputs, git_commit
 from .inputs import best_step
 from .labels import latex_escape
 
@@ -235,7 +235,7 @@ def provenance_path(out) -> Path:
 
 
 def write_table(table: Table, out_tex, command: str, reported_path=None, extra_inputs=()) -> dict:
-    """.tex (with a provenance comment header), .csv twin and .provenance.json, each atomically."""
+    """.tex (with a provenance comment header), .csv twin and .provenance.json: all three or none."""
     out_tex = Path(out_tex)
     inputs = [source_record(m["path"], m) for r in table.rows for m in r.sources]
     inputs += [source_record(p) for p in [*extra_inputs, reported_path] if p]
@@ -243,10 +243,11 @@ def write_table(table: Table, out_tex, command: str, reported_path=None, extra_i
               "do not edit, rebuild it.", "inputs (path, run, seed, git commit of its evaluation):"]
     header += [f"  {portable(i['path'])}  run={i.get('run', '-')} seed={i.get('seed', '-')} "
                f"commit={i.get('git_commit', '-')}" for i in inputs]
-    write_text(out_tex, to_latex(table, header))
-    write_text(out_tex.with_suffix(".csv"), to_frame(table).to_csv(index=False))
     prov = {"output": str(out_tex), "csv": str(out_tex.with_suffix(".csv")), "table": table.name,
             "command": command, "dico_git_commit": git_commit(), "reported": reported_path and str(reported_path),
             "inputs": inputs}
-    write_json(provenance_path(out_tex), prov)
+    with Outputs() as out:
+        out.write_text(out_tex, to_latex(table, header))
+        out.write_text(out_tex.with_suffix(".csv"), to_frame(table).to_csv(index=False))
+        out.write_json(provenance_path(out_tex), prov)
     return prov
