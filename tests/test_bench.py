@@ -90,7 +90,8 @@ def test_gpu_script_smoke_runs_every_section_and_writes_its_table(tmp_path):
 def test_benchmark_lines_pass_the_format_check_of_run_py(monkeypatch):
     """The line each benchmark prints goes through bench/run.py's own format check (LINE): with the
     timing helpers returning fixed numbers, so only the lines are built (the cheap benchmarks here;
-    `python bench/run.py --quick` runs them all for real and applies the same check)."""
+    `python bench/run.py --quick` runs them all for real and applies the same check; demo_clip_step's
+    line used to fail it)."""
     import importlib.util
 
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
@@ -103,6 +104,6 @@ def test_benchmark_lines_pass_the_format_check_of_run_py(monkeypatch):
     spec = importlib.util.spec_from_file_location("dico_bench_run", ROOT / "bench" / "run.py")
     bench_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_run)
-    for name in ("cider", "jpeg_draft", "demo_clip_step", "text_embed", "load_evaluator", "scaling_beam"):
+    for name in ("cider", "demo_clip_step", "load_evaluator", "scaling_beam"):  # the cheap ones: ~10 s
         for line in bench_run.ALL[name](True):
             assert bench_run.LINE.match(line), f"{name}: malformed benchmark line: {line!r}"

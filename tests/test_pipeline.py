@@ -101,7 +101,7 @@ def test_every_output_exists(demo_run):
     assert r"Fluent \%" in main and "Selected checkpoint (training step, by validation): XE " in main
     logs = {str(p.relative_to(res / "logs")) for p in (res / "logs").rglob("*.log")}
     assert {f"train/{run}.log" for run in C.runs(config)} <= logs  # one per job
-    assert {"generate/all_runs.log", "evaluate/all_runs.log", "cache_embeddings/clip/val.log"} <= logs
+    assert {"generate/all_runs.log", "evaluate/all_runs.log", "cache_embeddings/clip.log"} <= logs
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
 
 

@@ -100,15 +100,16 @@ def test_dry_run_plans_every_stage():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout + out.stderr, re.M))
-    for rule in ("make_demo_data", "prepare_splits", "train_clip", "cache_features", "cache_embeddings",
+    for rule in ("make_demo_data", "prepare_splits", "train_clip", "cache_features", "cache_embeddings_splits",
                  "train_xe", "train_scst", "train_dico", "generate_runs", "evaluate_runs", "table_main",
                  "table_ablation", "figure_training_curves"):
         assert int(counts.get(rule, 0)) >= 1, f"{rule} not planned:\n{out.stdout}"
     assert int(counts["train_scst"]) == 3
-    # the demo captions and scores all runs in one job each (evaluate.group_runs), one embeddings job per model
-    # and split (train for the rewards, val for validation, test for the scorers)
-    assert (int(counts["generate_runs"]), int(counts["evaluate_runs"]), int(counts["cache_embeddings"])) == (1, 1, 6)
-    assert "generate" not in counts and "evaluate" not in counts
+    # the demo captions and scores all runs in one job each and embeds COCO's splits in one job per model
+    # (evaluate.group_runs): train for the rewards, val for validation, test for the scorers
+    assert (int(counts["generate_runs"]), int(counts["evaluate_runs"]), int(counts["cache_embeddings_splits"])) \
+        == (1, 1, 2)
+    assert "generate" not in counts and "evaluate" not in counts and "cache_embeddings" not in counts
 
 
 def test_the_module_map_and_the_docs_name_what_exists():

@@ -23,8 +23,7 @@ ABLATIONS = dc.ablation_runs(config)
 MAIN_RUNS = dc.main_runs(config)
 # the main runs at every training seed (config `seeds`): the main table's rows are their mean ± std
 MAIN_RUNS_ALL_SEEDS = [dc.seeded(config, r, s) for s in dc.seeds(config) for r in MAIN_RUNS]
-# Extra evaluation sets (evaluate.datasets): split "ood/<set>" in every path (dico.layout), read from
-# the set's own split file; they score the runs of `seed` (not every seed of `seeds`).
+# Extra evaluation sets: split "ood/<set>" in every path (dico.layout); they score the runs of `seed`.
 OOD_SETS = list(config["evaluate"]["datasets"])
 OOD_SPLITS = [L.ood_split(d) for d in OOD_SETS]
 OOD_RUNS = dc.runs(config, all_seeds=False)
@@ -57,7 +56,7 @@ def torch_launcher(wildcards, resources):
     return launch.command(config["train"]["processes"], getattr(resources, "gpu", 0))
 
 
-def threads_per_process(wildcards, threads, resources):
+def threads_per_process(wildcards, threads, resources):  # `--threads` of each of the job's processes
     return launch.threads_per_process(config["train"]["processes"], getattr(resources, "gpu", 0), threads)
 
 
@@ -66,8 +65,8 @@ def clip_model_path(name):
 
 
 def coco_image_dirs():
-    """The COCO image folders (downloaded when missing), for prepare_splits' input. ancient(): a
-    folder's mtime moves whenever anything inside it changes, which must not redo the whole DAG."""
+    """The COCO image folders, prepare_splits' input. ancient(): a folder's mtime moves whenever
+    anything inside it changes, which must not redo the whole DAG."""
     if config["data"]["source"] != "karpathy":
         return []
     return [ancient(f"{dc.image_root(config)}/{part}") for part in config["data"]["downloads"]["coco_images"]]
@@ -132,6 +131,11 @@ def scorer_args(splits):
     """--clip-model NAME=PATH and --embeddings NAME:SPLIT=PATH of every scorer, as scorer_inputs lists them."""
     return " ".join(f"--clip-model {n}={clip_model_path(n)} " + " ".join(
         f"--embeddings {n}:{L.split_source(s)[1]}={L.embeddings_file(n, s)}" for s in splits) for n in EVAL_MODELS)
+
+
+# COCO's splits whose image embeddings the DAG reads (rewards: train, validation: val, scorers: evaluate.splits)
+EMBEDDING_SPLITS = [s for s in ("train", "val", "test")
+                    if s in set(EVAL_SPLITS) | {s for r in FINETUNE_RUNS for _, s in finetune_embeddings(r)}]
 
 
 def all_metrics(runs=None):

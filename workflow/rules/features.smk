@@ -78,17 +78,20 @@ if PARTS:
 
 # One job per model and split (features.skip_broken_images reaches the spec only when on: the default
 # leaves params unchanged).
+EMBEDDINGS_SPEC = lambda wc: spec(
+    {**dc.clip_model_spec(config, wc.name), "skip_broken_images": True}
+    if config["features"]["skip_broken_images"]
+    else dc.clip_model_spec(config, wc.name)
+)
+
+
 rule cache_embeddings:
     input:
         unpack(split_inputs),
     output:
         L.embeddings_file("{name}", "{split}"),
     params:
-        spec=lambda wc: spec(
-            {**dc.clip_model_spec(config, wc.name), "skip_broken_images": True}
-            if config["features"]["skip_broken_images"]
-            else dc.clip_model_spec(config, wc.name)
-        ),
+        spec=EMBEDDINGS_SPEC,
         split=split_name,
     threads: 1
     log:
@@ -99,3 +102,22 @@ rule cache_embeddings:
         "dico cache-embeddings --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
         " --split {params.split} --checkpoint {input.checkpoint} --out {output}"
         " --threads {threads} > {log} 2>&1"
+
+
+# evaluate.group_runs (the demo): each model's embeddings of COCO's splits in one job (torch and open_clip
+# start once, the work is a second); the per-split rule above serves the extra sets.
+if config["evaluate"]["group_runs"]:
+
+    ruleorder: cache_embeddings_splits > cache_embeddings
+
+    use rule cache_embeddings as cache_embeddings_splits with:
+        input:
+            splits=L.splits_file(),
+            checkpoint=lambda wc: clip_model_path(wc.name),
+        output:
+            [L.embeddings_file("{name}", s) for s in EMBEDDING_SPLITS],
+        params:
+            spec=EMBEDDINGS_SPEC,
+            split=" ".join(EMBEDDING_SPLITS),
+        log:
+            L.log("cache_embeddings", "{name}"),
