@@ -45,7 +45,12 @@ def _read(path: Path) -> dict:
 
 def load_captioner(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, payload) from a checkpoint written by a training run."""
-    payload = _read(Path(path))
+    return captioner_from_payload(_read(Path(path)), device)
+
+
+def captioner_from_payload(payload: dict, device: str = "cpu"):
+    """(model in eval mode, tokenizer, payload) from a checkpoint's content (e.g. a release converted in
+    memory, `dico.official.official_payload`)."""
     model = Captioner(CaptionerConfig(**payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), CaptionTokenizer.from_state_dict(payload["tokenizer"]), payload

@@ -22,6 +22,7 @@ import yaml
 
 from . import layout
 from .eval_sets import check_eval_sets
+from .own_data import size_problems
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -120,8 +121,9 @@ def _check_references(config: dict, source: str) -> None:
             if n not in rewards:
                 problems.append(f"{key}: {n!r} is not a rewards entry (have: {', '.join(rewards)})")
     for name, m in models.items():
-        if m["source"] == "demo" and config["data"]["source"] != "demo":
-            problems.append(f"clip_models.{name}: source demo needs data.source demo")
+        if m["source"] == "demo" and config["data"]["source"] == "karpathy":  # trained on the split's train images
+            problems.append(f"clip_models.{name}: source demo needs data.source demo or folder (COCO needs "
+                            "real CLIP weights: source file)")
         if m["source"] == "file" and not m.get("path"):
             problems.append(f"clip_models.{name}: source file needs a path (where the checkpoint is or will be downloaded)")
         init = m.get("train", {}).get("init")
@@ -143,7 +145,10 @@ def _check_references(config: dict, source: str) -> None:
 
 def _missing_inputs(config: dict) -> list[str]:
     """COCO's inputs are downloaded only to where the schema puts them: a path the config changes
-    must exist (a mistyped path would otherwise be planned as a download into the typo)."""
+    must exist (a mistyped path would otherwise be planned as a download into the typo). Your own
+    data set's folder and captions file must exist."""
+    if config["data"]["source"] == "folder":
+        return _folder_problems(config["data"]["folder"])
     if config["data"]["source"] != "karpathy":
         return []
     props, problems = schema()["properties"]["data"]["properties"], []
@@ -153,6 +158,17 @@ def _missing_inputs(config: dict) -> list[str]:
             problems.append(f"data.{key}: {value} does not exist; correct the path to your copy, or leave the key "
                             f"out and `snakemake download_all` fetches it to {default}")
     return problems
+
+
+def _folder_problems(folder: dict) -> list[str]:
+    problems = []
+    for key, what in (("images", "the folder of your images"),
+                      ("captions", "your captions file (.csv, .json, .jsonl)")):
+        if not folder[key]:
+            problems.append(f"data.folder.{key}: not set; data.source folder needs {what}")
+        elif not Path(folder[key]).exists():
+            problems.append(f"data.folder.{key}: {folder[key]} does not exist; correct the path to {what}")
+    return problems + size_problems(folder["val"], folder["test"])
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:
@@ -296,6 +312,14 @@ def image_root(config: dict) -> str:
     return layout.demo_images() if config["data"]["source"] == "demo" else config["data"]["image_root"]
 
 
+def folder_spec(config: dict) -> dict:
+    """What prepare_splits needs of your own data set (data.source folder): data.folder and data.max_refs."""
+    if config["data"]["source"] != "folder":
+        raise ConfigError(f"data.source is {config['data']['source']!r}, not folder: give --karpathy-json and "
+                          "--image-root (COCO), --eval-set NAME, or a config with data.source folder")
+    return {**config["data"]["folder"], "max_refs": config["data"]["max_refs"]}
+
+
 def demo_spec(config: dict) -> dict:
     return dict(config["data"]["demo"])
 
@@ -338,6 +362,7 @@ def evaluate_spec(config: dict) -> dict:
     ev = config["evaluate"]
     models = dict.fromkeys([ev["clip_s"]["model"], ev["pac_s"]["model"]])
     return {"device": config["device"], "meteor": ev["meteor"], "spice_jar_dir": ev["spice_jar_dir"],
+            "spice_cache": ev["spice_cache"],
             "clip_s": ev["clip_s"], "pac_s": ev["pac_s"],
             "clip_models": {n: clip_model_spec(config, n) for n in models}}
 
@@ -355,8 +380,9 @@ def downloads(config: dict) -> list[dict]:
     """Every input the config's download rules fetch when it is missing: {"name" (the rule is
     download_<name>), "out", "folder" (a folder of unpacked images), "kind" (file | zip), "url",
     "sha256", "options" (--archive, --member, --keep-archive)}. The CLIP weights (one per distinct
-    path: two names may share a checkpoint), COCO's Karpathy file and image zips, and the annotations
-    of the extra evaluation sets that have a url; the released DiCO checkpoint is the official stage's."""
+    path: two names may share a checkpoint), COCO's Karpathy file and image zips, the annotations of
+    the extra evaluation sets that have a url, SPICE's CoreNLP jars and nltk's punkt_tab (the tools'
+    data: `tool_downloads`); the released DiCO checkpoint is the official stage's."""
     dl, out, paths = config["data"]["downloads"], [], set()
     for name, m in config["clip_models"].items():
         if m["source"] == "file" and m.get("url") and m["path"] not in paths:
@@ -379,7 +405,33 @@ def downloads(config: dict) -> list[dict]:
                    if d["member"] else {})
         out.append(_download(f"ood_{name}", d["annotations"], "zip" if d["member"] else "file", d["url"], d["sha256"],
                              **options))
+    return out + tool_downloads(config)
+
+
+def tool_downloads(config: dict) -> list[dict]:
+    """The data the metrics' and post-processing's tools read: the Stanford CoreNLP 3.6.0 jars SPICE
+    needs, into evaluate.spice_jar_dir (rules download_spice_<jar>, each checked against the sha1 Maven
+    Central publishes beside it), and nltk's punkt_tab model, into decoding.nltk_data for the official
+    post-processing (rule download_punkt_tab). None without those folders."""
+    out, ev, dec, dl = [], config["evaluate"], config["decoding"], config["data"]["downloads"]
+    for jar, j in (ev["spice_jars"] or {}).items() if ev["spice_jar_dir"] else ():
+        name = "spice_" + re.sub(r"\W+", "_", jar.removesuffix(".jar"))
+        out.append(_download(name, f"{ev['spice_jar_dir']}/{jar}", "file", j["url"], j["sha256"], sha1_url=j["sha1_url"]))
+    if dec["nltk_data"] and dec["postprocess"] == "official":
+        p = dl["punkt_tab"]
+        out.append(_download("punkt_tab", punkt_tab_dir(config), "zip", p["url"], p["sha256"], folder=True,
+                             archive=f"{dl['archive_dir']}/punkt_tab.zip", keep_archive=dl["keep_archives"]))
     return out
+
+
+def punkt_tab_dir(config: dict) -> str:
+    """Where nltk finds the punkt_tab model under decoding.nltk_data (its data layout)."""
+    return f"{config['decoding']['nltk_data']}/tokenizers/punkt_tab"
+
+
+def tool_inputs(config: dict, tool: str) -> list[str]:
+    """The downloaded files a job running `tool` (spice | punkt_tab) reads: its rule's input."""
+    return [d["out"] for d in tool_downloads(config) if d["name"].startswith(tool)]
 
 
 def _download(name: str, out: str, kind: str, url: str, sha256: str | None, folder: bool = False, **options) -> dict:

@@ -11,6 +11,8 @@ How a file arrives, and why:
   value. Without a pin, the first download's sha256 is recorded in `<out>.sha256` (trust on first
   use) and later downloads must match it. A mismatch deletes the part and fetches again, a bounded
   number of times.
+- Where the server publishes a checksum beside the file (Maven Central's `<file>.sha1`), `--sha1-url`
+  reads it first and the part must match it too: a check that needs no pin in the config.
 - Only a verified part is renamed onto `<out>` (atomic on POSIX): a file at `<out>` is complete.
 - Google Drive answers large files with a "can't scan for viruses" HTML page instead of the bytes;
   its form (or, on older pages, a link) carries the confirm token. We follow it. Any other HTML page
@@ -193,19 +195,59 @@ def _transfer(opener, url: str, part: Path, dest: Path, timeout: float, progress
         raise _Retry(f"received {size:,} bytes, more than the announced {total:,}; restarting")
 
 
+def published_sha1(url: str, *, retries: int = 5, timeout: float = 60.0, backoff: float = 2.0) -> str:
+    """The sha1 a repository publishes beside an artifact (`<artifact>.sha1`: the hex digest, optionally
+    followed by the file name, as Maven Central writes it)."""
+    import re
+
+    opener, last = build_opener(), "no attempt"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
+        try:
+            with _request(opener, url, 0, timeout) as resp:
+                text = resp.read(4096).decode("ascii", errors="replace")
+        except HTTPError as e:
+            last = f"HTTP {e.code} {e.reason}"
+            if e.code not in RETRYABLE_STATUS:
+                break
+            continue
+        except (OSError, http.client.HTTPException) as e:
+            last = f"{type(e).__name__}: {e}"
+            continue
+        m = re.match(r"\s*([0-9a-fA-F]{40})\b", text)
+        if not m:
+            raise DownloadError(f"{url}: expected a sha1 (40 hex digits) first, got {text[:80]!r}")
+        return m.group(1).lower()
+    raise DownloadError(f"could not read the published checksum {url}: {last}. Check the URL, or pin the "
+                        "file's sha256 in the config instead")
+
+
+def _sha1_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _fail(url: str, dest: Path, what: str) -> DownloadError:
     return DownloadError(f"download of {url} failed: {what}. Download it by hand and put it at {dest}")
 
 
 # -- the public entry points -----------------------------------------------------------------------
 def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, *, retries: int = 5,
-          timeout: float = 60.0, backoff: float = 2.0, progress: bool = True, force: bool = False) -> str | None:
+          timeout: float = 60.0, backoff: float = 2.0, progress: bool = True, force: bool = False,
+          sha1: str | None = None) -> str | None:
     """Download `url` to `dest` (resumable, size- and sha256-checked, atomic). Returns the sha256,
     or None when `dest` already exists (nothing is fetched then, unless `force`).
 
     `sha256=None`: the sha recorded at the first download (`<dest>.sha256`) is expected if there is
-    one; otherwise the new file's sha is recorded there. `retries`: extra attempts after network
-    errors (each resumes the .part) and after sha mismatches (each refetches from zero).
+    one; otherwise the new file's sha is recorded there. `sha1`: a digest the file must match as
+    well (the one its repository publishes: `published_sha1`). `retries`: extra attempts after
+    network errors (each resumes the .part) and after sha mismatches (each refetches from zero).
     """
     dest = Path(dest)
     if dest.exists() and not force:
@@ -237,6 +279,10 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, *, retri
         if expected and digest != expected:
             part.unlink()
             last = f"sha256 mismatch (got {digest}, expected {expected}); the file was deleted"
+            continue
+        if sha1 and (got := _sha1_file(part)) != sha1.lower():
+            part.unlink()
+            last = f"sha1 mismatch with the published checksum (got {got}, expected {sha1}); the file was deleted"
             continue
         os.replace(part, dest)
         if not expected:

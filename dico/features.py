@@ -30,7 +30,7 @@ import torch
 
 from . import runtime
 from .data import ImageRecord
-from .images import ImageFiles, collate
+from .images import PIPELINE_HINT, ImageFiles, collate
 from .io import atomic_path, read_json, remove_stale_temporaries, write_json
 
 FORMAT = "dico-features-v1"
@@ -298,6 +298,29 @@ class _ShardBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def image_loader(evaluator, paths, batch_sampler, *, split: str | None = None, num_workers: int = 0,
+                 jpeg_draft: bool = False, device: str = "cpu", hint: str = PIPELINE_HINT):
+    """Batches of `paths` (the index lists of `batch_sampler`) decoded and preprocessed for the backbone
+    `evaluator` (`dico.images.collate` items), as feature caching reads them."""
+    ds = ImageFiles(paths, evaluator.preprocess, evaluator.image_size, split,
+                    evaluator.image_size if jpeg_draft else None, hint)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                                       pin_memory=str(device).startswith("cuda"))
+
+
+@torch.no_grad()
+def grid_batch(evaluator, pixels: torch.Tensor, ok: torch.Tensor, *, dtype: str, amp: str, device: str) -> torch.Tensor:
+    """The grid features of a batch as `cache_features` stores them (on the CPU, in the storage dtype):
+    what a captioner trained on cached features reads, bit for bit, once cast back to float32."""
+    pixels = pixels.to(device, non_blocking=True)
+    # features.amp: the frozen backbone's precision on a GPU (official: the whole model in fp16)
+    with runtime.autocast(device, amp):
+        feats = evaluator.grid_features(pixels)
+    feats = feats.to(torch.float32 if dtype == "float32" else torch.float16).cpu()
+    feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented
+    return feats
+
+
 @torch.no_grad()
 def _compute(evaluator, records, todo, split, shard_size, batch_size, num_workers, skip_broken, jpeg_draft,
              dtype, amp, out_dir, device, bar):
@@ -308,10 +331,8 @@ def _compute(evaluator, records, todo, split, shard_size, batch_size, num_worker
     """
     if not todo:
         return
-    ds = ImageFiles([r.path for r in records], evaluator.preprocess, evaluator.image_size, split,
-                    evaluator.image_size if jpeg_draft else None)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=_ShardBatches(todo, batch_size), collate_fn=collate,
-                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    loader = image_loader(evaluator, [r.path for r in records], _ShardBatches(todo, batch_size), split=split,
+                          num_workers=num_workers, jpeg_draft=jpeg_draft, device=device)
     shard_of = {s: (lo, hi) for s, lo, hi in todo}
     current = None  # (shard, writer context, memmap, ok mask)
     try:
@@ -320,12 +341,7 @@ def _compute(evaluator, records, todo, split, shard_size, batch_size, num_worker
                 raise next(e for e in errors if e is not None)
             s = int(idx[0]) // shard_size
             lo, hi = shard_of[s]
-            pixels = pixels.to(device, non_blocking=True)
-            # features.amp: the frozen backbone's precision on a GPU (official: the whole model in fp16)
-            with runtime.autocast(device, amp):
-                feats = evaluator.grid_features(pixels)
-            feats = feats.to(torch.float32 if dtype == "float32" else torch.float16).cpu()
-            feats[~ok] = 0  # a skipped image has zero features (not those of a blank picture), as documented
+            feats = grid_batch(evaluator, pixels, ok, dtype=dtype, amp=amp, device=device)
             if current is None:
                 ctx = atomic_path(out_dir / f"shard_{s:05d}.npy")
                 tmp = ctx.__enter__()

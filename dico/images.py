@@ -1,4 +1,5 @@
-"""Image files: opening one with an error that names it, and decoding many for a CLIP model.
+"""Image files: finding them under a folder, opening one with an error that names it, and decoding
+many for a CLIP model.
 
 `ImageFiles` is the one dataset every image path of the pipeline goes through (grid features,
 image embeddings for `cache_embeddings`, `evaluate` and `dico score`): each item is decoded and
@@ -11,6 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+
+# the image files a folder search picks up (any case: IMG_001.JPG too)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """An existing file with one of IMAGE_EXTENSIONS."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file under the folder `root`, at any depth, sorted by path (the one folder search of
+    `dico score --images` and `dico caption`)."""
+    return [p for p in sorted(Path(root).rglob("*")) if is_image_file(p)]
 
 
 # what to do about an image that will not decode, in the pipeline (a command says its own option)

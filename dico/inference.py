@@ -38,12 +38,19 @@ def generate_captions(model: Captioner, tok: CaptionTokenizer, store: FeatureSto
     out = []
     batches = range(0, len(indices), batch_size)
     for lo in tqdm(batches, desc="beam search", unit="batch", disable=not progress, mininterval=2.0):
-        feats = store[indices[lo:lo + batch_size]].to(device)
-        with runtime.autocast(device, amp):
-            tokens, _ = decode_beams(model, model.encode(feats), decoding)
-        out += tok.decode_batch(tokens[:, 0])
+        out += caption_batch(model, tok, store[indices[lo:lo + batch_size]], decoding, amp, device)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def caption_batch(model: Captioner, tok: CaptionTokenizer, feats: torch.Tensor, decoding: dict, amp: str,
+                  device: str) -> list[str]:
+    """The best beam of each row of the float32 grid features `feats` [B, T, D], decoded (the model in
+    eval mode: `generate_captions` and `dico caption` both run this)."""
+    with runtime.autocast(device, amp):
+        tokens, _ = decode_beams(model, model.encode(feats.to(device)), decoding)
+    return tok.decode_batch(tokens[:, 0])
 
 
 def caption_splits(jobs: list[dict], splits_json, decoding: dict, amp: str, device: str, log=print) -> None:
@@ -74,4 +81,4 @@ def _caption(model, tok, payload, store, records, path, decoding: dict, amp: str
                              max_len=decoding["max_len"], batch_size=decoding["batch_size"], device=device,
                              amp=amp, style=decoding["style"], length_penalty=decoding["length_penalty"],
                              progress=True)
-    return caps, postprocess(caps, decoding["postprocess"])
+    return caps, postprocess(caps, decoding["postprocess"], decoding.get("nltk_data"))

@@ -11,6 +11,7 @@ wildcard in the pattern: `captions_file("{run}", "test")` is "results/captions/{
     results/features/<backbone>/<split>/       grid features (index.json + shards)
     results/embeddings/<model>/<split>.pt      image embeddings of a scorer or reward model
     results/runs/<run>/model.pt, train_log.jsonl, work/   a training run
+    results/runs/<run>/tensorboard/            its TensorBoard curves (dico.run_events; not an output)
     results/captions/<run>/<split>.json        generated captions (COCO results format)
     results/metrics/<run>/<split>.json         every metric of a run on a split
     results/tables/, results/figures/          what goes into the paper

@@ -1,16 +1,17 @@
 """Training loops: XE pre-training and fine-tuning (DiCO and the SCST baselines).
 
 Both loops share one skeleton (`_Loop`): a resumable data order, validation every N steps that keeps
-the best checkpoint, a JSONL training log, a `last.pt` with everything needed to continue bit-for-bit
-after a kill (model, optimiser, sampler position, every RNG state, the log so far), and a clean exit
-on SIGTERM.
+the best checkpoint, a JSONL training log and its TensorBoard curves (`dico.run_events`), a `last.pt`
+with everything needed to continue bit-for-bit after a kill (model, optimiser, sampler position,
+every RNG state, the log so far), and a clean exit on SIGTERM.
 
 Fine-tuning step (official trainers/dico_trainer.py `compute_dico_loss`): the k final beams of a beam
 search of width k from the current policy (no_grad; in train mode, i.e. with dropout, as the HF Trainer
 runs it: `generation_mode`) -> rewards from their ids -> teacher-forced sequence log-probs of all k
 candidates under the policy (with gradient, train mode) and, for DiCO, under the frozen XE model (eval
-mode, no_grad) -> loss -> fp16 loss scaling, gradients summed over ranks, no clipping by default ->
-Adam at a constant lr. Every row of this is in docs/fidelity.md.
+mode, no_grad) -> loss -> fp16 loss scaling, gradients summed over ranks (and over `grad_accum` passes
+of whole images, a memory setting), no clipping by default -> Adam at a constant lr. Every row of
+this is in docs/fidelity.md.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .io import atomic_path, write_text
 from .losses import dico_diagnostics, dico_loss, scst_loss
 from .model import Captioner, CaptionerConfig, sequence_logprobs, token_xe_loss
 from .rewards import build_reward
+from .run_events import RunEvents, events_dir
 from .tokenizer import CaptionTokenizer
 from .validation import Validator
 
@@ -88,6 +90,8 @@ class _Loop:
                              f"{spec['method']}.val_every or raise {spec['method']}.steps")
         self.stop = runtime.StopFlag()
         self._resume()
+        # the curves of the rows it starts from (none, or those of last.pt); rank 0 writes
+        self.events = RunEvents(events_dir(work_dir), self.rows, enabled=self.dist.main)
 
     def _resume(self):
         state = self.work.load_last()
@@ -141,7 +145,7 @@ class _Loop:
             self.since_best += 1
         row = {"step": self.step, "phase": "val", **metrics, "best": improved, "candidate": candidate,
                "val_s": round(time.time() - t0, 2)}
-        self.rows.append(row)
+        self._append(row)
         note = " (best)" if improved else "" if candidate else " (start: logged, not a selection candidate)"
         self.log(f"step {self.step}: val " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                        if isinstance(v, float)) + note)
@@ -160,7 +164,12 @@ class _Loop:
         world = self.dist.world
         row = {"step": self.step, "phase": "train", "step_s": round(reduced[-1] / world, 4), **stats}
         row.update({k: round(v if k in sum_keys else v / world, 6) for k, v in zip(keys, reduced)})
+        self._append(row)
+
+    def _append(self, row: dict) -> None:
+        """A row of the training log, and its points on the TensorBoard curves."""
         self.rows.append(row)
+        self.events.add(row)
 
     def run(self, step_fn, out_model, out_log, sum_keys=()):
         """Call `step_fn()` -> dict of logged numbers until cfg['steps']; validate every val_every."""
@@ -190,13 +199,15 @@ class _Loop:
                 if self._patience_exhausted():
                     self.log(f"early stop at step {self.step}: {self.cfg['select_by']} has not improved in "
                              f"{self.cfg['patience']} validations (patience)")
-                    self.rows.append({"step": self.step, "phase": "early_stop", "patience": self.cfg["patience"]})
+                    self._append({"step": self.step, "phase": "early_stop", "patience": self.cfg["patience"]})
                     break
             if self.dist.any(self.stop.requested):
                 self._checkpoint()
                 bar.close()
+                self.events.close()
                 raise runtime.Preempted(self.step)
         bar.close()
+        self.events.close()
         if self.dist.main:
             if self.best is None:
                 raise RuntimeError("training ended without a selection candidate; check val_every and steps")
@@ -336,10 +347,12 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
                    grammar=None):
     """`evaluators[name]` are loaded clip_models; `image_embs[name][split]` their cached image
     embeddings (train for the reward, val for validation). `batch_images` is global (split over
-    processes). `grammar`: a predicate text -> bool whose acceptance rate validation logs (fluent_pct)."""
+    processes, then into `grad_accum` passes). `grammar`: a predicate text -> bool whose acceptance
+    rate validation logs (fluent_pct)."""
     dist = dist or runtime.Dist()
     method = spec["method"]
     cfg = spec[method]
+    per_pass = images_per_pass(method, cfg, dist.world)  # before anything is loaded: a config error
     train_records, val_records = load_split(splits_json, "train"), load_split(splits_json, "val")
     train_store = aligned_store(features["train"], train_records, "train")
     val_store = aligned_store(features["val"], val_records, "val")
@@ -357,7 +370,8 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
                for metric, key in (("CLIP-S", "clip_s"), ("PAC-S", "pac_s"))}
     validator = Validator(val_store, val_records, spec, device, scorers, grammar=grammar)
     log(f"{spec['run']}: {method} from {init_model} (XE step {payload['step']}), reward {spec['reward']}, "
-        f"k={cfg['k']}, {cfg['batch_images']} images/step, lr {cfg['lr']}, candidates in "
+        f"k={cfg['k']}, {cfg['batch_images']} images/step ({cfg['grad_accum']} pass(es) of {per_pass} per "
+        f"process), lr {cfg['lr']}, candidates in "
         f"{cfg['generation_mode']} mode, {spec['decoding']['style']} beam search")
 
     torch.manual_seed(spec["seed"])
@@ -373,11 +387,27 @@ def train_finetune(spec: dict, splits_json, features: dict, init_model, work_dir
     loop.run(step, out_model, out_log)
 
 
+def images_per_pass(method: str, cfg: dict, world: int) -> int:
+    """Images per forward/backward pass on one process: the global batch `batch_images` split over
+    `world` processes, then into `grad_accum` passes of whole images (an image's k candidates are
+    never split: both losses are per image). Lowers the memory of a step, not what it computes."""
+    images, passes = cfg["batch_images"], cfg["grad_accum"]
+    if images % (world * passes):
+        fits = [a for a in range(1, images + 1) if images % (world * a) == 0]
+        raise ValueError(f"{method}.batch_images {images} does not split into {method}.grad_accum {passes} passes "
+                         f"of whole images on each of {world} process(es); set {method}.batch_images to a "
+                         f"multiple of {world * passes}" + (f" or {method}.grad_accum to one of {fits}" if fits else
+                                                            " (or change the number of processes, train.processes)"))
+    return images // (world * passes)
+
+
 class FinetuneStep:
     """One fine-tuning step (official trainers/dico_trainer.py `compute_dico_loss`; module docstring):
     the k final beams of the policy's beam search as candidates, their rewards, their teacher-forced
     sequence log-probs under the policy (and, for DiCO, the frozen XE model), the DiCO or SCST loss and
-    one optimiser step. Returns the logged numbers, with the time of each phase."""
+    one optimiser step. The global batch of `batch_images` images runs in `grad_accum` passes of whole
+    images per process (`images_per_pass`); returns the whole batch's logged numbers, with the time of
+    each phase."""
 
     def __init__(self, spec: dict, policy, reference, tok: CaptionTokenizer, reward_fn, store: FeatureStore,
                  usable: torch.Tensor, sampler, opt, scaler, dist: runtime.Dist, device: str):
@@ -387,40 +417,64 @@ class FinetuneStep:
         self.store, self.usable, self.sampler, self.opt, self.scaler = store, usable, sampler, opt, scaler
         self.dist, self.device, self.amp = dist, device, spec["train"]["amp"]
         self.k = self.cfg["k"]
+        self.per_pass = images_per_pass(self.method, self.cfg, dist.world)
         self.decoding = {**spec["decoding"], "beam_size": self.k}  # the k candidates are the k final beams
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def __call__(self) -> dict:
-        times = {}
+        times = dict.fromkeys(("gen_s", "reward_s", "logprob_s", "backward_s"), 0.0)
+        idx = self.usable[self.sampler.next(self.cfg["batch_images"])]
+        idx = idx[self.dist.share(len(idx), f"{self.method}.batch_images")]  # this rank's images
+        passes = [self._pass(part, times) for part in idx.split(self.per_pass)]
         t = time.time()
-        idx, feats, cands = self._candidates()
-        times["gen_s"] = time.time() - t
+        stepped = optimizer_step(self.policy.parameters(), self.opt, self.scaler, self.spec["train"]["max_grad_norm"],
+                                 self.dist)  # one step (and one loss-scale update) per global batch
+        self.sync()
+        times["backward_s"] += time.time() - t
+        return self._stats(passes, stepped, times)
+
+    def _pass(self, idx: torch.Tensor, times: dict) -> dict:
+        """Candidates, rewards, log-probs, loss and backward for the images `idx` (all k candidates of
+        each); the pass's numbers, detached, for the step's log."""
+        t = time.time()
+        feats, cands = self._candidates(idx)
+        times["gen_s"] += time.time() - t
 
         t = time.time()
         B, k = len(idx), self.k
         rewards = self.reward_fn(cands, idx.repeat_interleave(k)).to(self.device).view(B, k)
-        times["reward_s"] = time.time() - t
+        times["reward_s"] += time.time() - t
 
         t = time.time()
         logps, ref_logps = self._logprobs(feats, cands, B)
-        times["logprob_s"] = time.time() - t
+        times["logprob_s"] += time.time() - t
 
         t = time.time()
-        loss, stepped = self._update(logps, ref_logps, rewards)
-        times["backward_s"] = time.time() - t
+        loss = self._backward(logps, ref_logps, rewards)
+        times["backward_s"] += time.time() - t
+        return {"loss": loss.item(), "rewards": rewards, "logps": logps.detach(), "ref_logps": ref_logps,
+                "lengths": (cands != self.tok.pad_id).sum(1)}
 
-        stats = {"loss": loss.item(), "reward_mean": float(rewards.mean()),
-                 "reward_best": float(rewards.max(1).values.mean()), **stepped,
-                 "mean_len": float((cands != self.tok.pad_id).sum(1).float().mean() - 1),
+    def _stats(self, passes: list[dict], stepped: dict, times: dict) -> dict:
+        """The logged numbers of this rank's whole share of the batch (every pass, not the last one);
+        the log averages them over ranks (equal shares), which gives the global batch's."""
+        rewards = torch.cat([p["rewards"] for p in passes])
+        loss = sum(p["loss"] * len(p["rewards"]) for p in passes) / len(rewards)  # mean over images
+        stats = {"loss": loss, "reward_mean": float(rewards.mean()),
+                 "reward_best": float(rewards.max(1).values.mean()),
+                 # the spread of an image's k rewards, averaged over images: what SCST's baseline and DiCO's
+                 # weights learn from (0 = every candidate scored alike, no signal)
+                 "reward_std": float(rewards.std(1, unbiased=False).mean()), **stepped,
+                 "mean_len": float(torch.cat([p["lengths"] for p in passes]).float().mean() - 1),
                  **{key: round(v, 4) for key, v in times.items()}}
         if self.method == "dico":
-            stats.update(dico_diagnostics(logps, ref_logps, rewards, self.cfg["beta"], self.cfg["tau"]))
+            stats.update(dico_diagnostics(torch.cat([p["logps"] for p in passes]),
+                                          torch.cat([p["ref_logps"] for p in passes]), rewards,
+                                          self.cfg["beta"], self.cfg["tau"]))
         return stats
 
-    def _candidates(self):
-        """This rank's images of the global batch, their features and the k final beams of each."""
-        idx = self.usable[self.sampler.next(self.cfg["batch_images"])]
-        idx = idx[self.dist.share(len(idx), "batch_images")]
+    def _candidates(self, idx: torch.Tensor):
+        """The features of the images `idx` and the k final beams of each."""
         feats = self.store[idx].to(self.device)
         # official: the HF Trainer keeps the policy in train() mode, so its beam search runs with dropout
         self.policy.train(self.cfg["generation_mode"] == "train")
@@ -429,7 +483,7 @@ class FinetuneStep:
         self.policy.train()
         cands = beams.reshape(len(idx) * self.k, -1)
         self.sync()
-        return idx, feats, cands
+        return feats, cands
 
     def _logprobs(self, feats, cands, B: int):
         """Sequence log-probs [B, k] of the candidates under the policy (with gradient) and, for DiCO,
@@ -444,14 +498,14 @@ class FinetuneStep:
         self.sync()
         return logps, ref_logps
 
-    def _update(self, logps, ref_logps, rewards):
+    def _backward(self, logps, ref_logps, rewards):
+        """Backward of the pass's loss weighted by its share of the global batch. Both losses are means
+        over images of per-image terms (each image's k candidates are in one pass), so the weights
+        B_pass / batch_images make the gradients summed over passes and ranks the global batch's."""
         if self.method == "dico":
             loss = dico_loss(logps, ref_logps, rewards, beta=self.cfg["beta"], tau=self.cfg["tau"])
         else:
             loss = scst_loss(logps, rewards)
-        # equal shares: the sum over ranks is the global mean
-        (loss * (self.scaler.scale / self.dist.world)).backward()
-        stepped = optimizer_step(self.policy.parameters(), self.opt, self.scaler, self.spec["train"]["max_grad_norm"],
-                                 self.dist)
+        (loss * (self.scaler.scale * len(rewards) / self.cfg["batch_images"])).backward()
         self.sync()
-        return loss, stepped
+        return loss

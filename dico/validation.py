@@ -47,7 +47,9 @@ class Validator:
         the post-processed text (dico.text) under decoding.postprocess official, else a light
         tokenizer."""
         mode = self.spec["decoding"]["postprocess"]
-        return postprocess(texts, mode) if mode != "none" else [simple_tokenize(c) for c in texts]
+        if mode == "none":
+            return [simple_tokenize(c) for c in texts]
+        return postprocess(texts, mode, self.spec["decoding"].get("nltk_data"))
 
     def __call__(self, model, tok) -> dict:
         dec = self.spec["decoding"]

@@ -24,6 +24,7 @@ def _one_thread():
 # files handed out in collection order, each worker starting with two): the two longest files first,
 # one per worker, each with a short file queued behind it, then the other long ones, then the rest.
 LONG_FIRST = ["test_pipeline.py", "test_rehearsal.py", "test_losses.py", "test_tokenizer.py", "test_slurm.py",
+              "test_workstation.py", "test_envs.py",
               "test_fault_injection.py", "test_model.py", "test_cli_ddp.py", "test_bench.py"]
 
 

@@ -309,6 +309,21 @@ class LoopbackServer:
         self._httpd.server_close()
 
 
+# A real Punkt model, tiny: nltk's punkt_tab layout (punkt_tab/<language>/ with the four files that
+# nltk.tokenize.punkt.load_punkt_params reads). "dr" is an abbreviation: no sentence ends after "dr.".
+PUNKT_TAB = {"collocations.tab": "", "sent_starters.txt": "the\n", "abbrev_types.txt": "dr\nmr\n",
+             "ortho_context.tab": "the\t34\n"}
+
+
+def write_punkt_tab_zip(path: Path) -> Path:
+    """nltk_data's punkt_tab.zip in miniature: punkt_tab/README and punkt_tab/english/<the four files>."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("punkt_tab/README", "Punkt sentence tokenizer models (test stand-in)\n")
+        for name, text in PUNKT_TAB.items():
+            zf.writestr(f"punkt_tab/english/{name}", text)
+    return path
+
+
 def served_files(srv: LoopbackServer, files: dict[str, Path]) -> dict:
     """Serve every input at a URL shaped like the real one; the config layer pointing at them, with
     each file's sha256 pinned (the real download rules check it)."""
@@ -330,4 +345,9 @@ def served_files(srv: LoopbackServer, files: dict[str, Path]) -> dict:
     for name in ("clip_l14", "clip", "pac"):
         cfg["clip_models"][name]["sha256"] = sha256(files[name])
     cfg["official"] = {"url": srv.add_drive("dico-vitl14", files["official"]), "sha256": sha256(files["official"])}
+    punkt = write_punkt_tab_zip(files["karpathy"].parent / "punkt_tab.zip")
+    cfg["data"]["downloads"]["punkt_tab"] = {"url": srv.add("/nltk_data/packages/tokenizers/punkt_tab.zip", punkt),
+                                             "sha256": sha256(punkt)}
+    # SPICE's CoreNLP jars have no stand-in (SPICE would run them): none is planned, SPICE stays null
+    cfg["evaluate"] = {"spice_jars": None}
     return cfg

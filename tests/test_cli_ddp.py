@@ -138,6 +138,7 @@ def test_torchrun_two_processes_equal_one_process(prepared):
     assert all(abs(a - b) <= 0.02 * a for a, b in zip(loss1, loss2)), (loss1, loss2)
     rows = _rows(prepared, "two")
     assert sum(r["phase"] == "val" for r in rows) == steps // TINY["xe"]["val_every"]  # one log, by rank 0
+    assert len(list((prepared / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # and one curve file
 
 
 @needs_torchrun
@@ -161,3 +162,31 @@ def test_two_processes_compute_the_dico_gradient_of_one_process(prepared):
     t1, t2 = ([r for r in _rows(prepared, n) if r["phase"] == "train"][0] for n in ("dico1", "dico2"))
     for key in ("loss", "reward_mean", "mean_len"):
         assert t1[key] == pytest.approx(t2[key], rel=1e-5), key
+
+
+@needs_torchrun
+def test_two_processes_fine_tune_in_passes_with_dropout(prepared):
+    """dico.grad_accum under torchrun with dropout on (the official setting: candidates from the policy
+    in train mode, dropout 0.1): 2 processes x 2 passes of 1 image for two steps run to the end with one
+    optimiser step per global batch. That passes give one pass's gradient is test_grad_accum.py."""
+    for split in ("train", "val"):
+        if not (prepared / f"emb_{split}.pt").exists():
+            dico("cache-embeddings", "--config", "config.yaml", "--name", "clip", "--splits", "splits.json",
+                 "--split", split, "--checkpoint", "clip.pt", "--out", f"emb_{split}.pt", cwd=prepared)
+    if not (prepared / "one" / "model.pt").exists():
+        _train(prepared, "one", ONE)
+    xe = torch.load(prepared / "one" / "model.pt", weights_only=False)
+    xe["model_config"]["dropout"] = 0.1  # the same weights, fine-tuned with dropout (TINY trains XE without)
+    torch.save(xe, prepared / "xe_dropout.pt")
+    cfg = dict(TINY, dico={"steps": 2, "val_every": 2, "batch_images": 4, "grad_accum": 2, "k": 3, "lr": 1e-6})
+    (prepared / "dico_accum.yaml").write_text(yaml.safe_dump(cfg))
+    extra = ["--init", "xe_dropout.pt", "--clip-model", "clip=clip.pt", "--embeddings", "clip:train=emb_train.pt",
+             "--embeddings", "clip:val=emb_val.pt"]
+    model, log = _train(prepared, "dico_accum", TWO, run="dico", config="dico_accum.yaml", extra=extra)
+    assert "2 process(es)" in log and "2 pass(es) of 1 per process" in log
+    assert model["model_config"]["dropout"] == 0.1 and model["spec"]["dico"]["generation_mode"] == "train"
+    state = torch.load(prepared / "dico_accum" / "work" / "last.pt", weights_only=False)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # one step per global batch
+    train = [r for r in _rows(prepared, "dico_accum") if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["skipped"] == 0 for r in train)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward_mean"], r["grad_norm"]])).all() for r in train)

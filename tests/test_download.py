@@ -3,7 +3,6 @@ Google Drive's confirmation page, atomic unzip, and Snakemake not downloading wh
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from dico import download as D
+from worlds import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB, cut points land mid-stream
@@ -219,11 +219,7 @@ def test_cli_download_file(server, tmp_path):
 
 # -- Snakemake: a file that exists is never downloaded; editing its url/sha256 reruns nothing -------
 def _workflow(tmp_path: Path, models: dict) -> Path:
-    wf = tmp_path / "wf"
-    wf.mkdir()
-    for name in ("Snakefile", "workflow", "config", "envs"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, wf / name)
+    wf = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     for name, model in models.items():
         config["clip_models"][name] = {"source": "file", "format": "openai", **model}

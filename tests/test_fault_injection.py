@@ -28,7 +28,7 @@ from dico import config as C
 from dico.clip_weights import load_evaluator
 from dico.data import load_split
 from dico.features import FeatureStore, cache_features
-from worlds import TINY_CONFIG, make_world
+from worlds import TINY_CONFIG, copy_workflow, make_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -256,10 +256,7 @@ def test_skipped_images_are_still_reported_after_a_resume(world, tmp_path):
 def _workflow_copy(dst: Path) -> Path:
     """The repository's workflow in `dst` with TINY as its config (config/config.yaml is replaced, not
     merged with: --configfile merges into the demo config, whose ablations and models would stay)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in ("Snakefile", "workflow", "config", "envs"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / item)
+    copy_workflow(dst)
     (dst / "config" / "config.yaml").write_text(yaml.safe_dump(TINY))
     return dst
 

@@ -7,7 +7,6 @@ suite's CPU and kept it over its 15-minute budget; its numbers are measured with
 all` and recorded in the README."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from PIL import Image
 from dico import config as C
 from dico.data import load_split
 from dico.report.inputs import best_step
+from test_run_events import assert_curves_equal_the_log
+from worlds import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"]
@@ -45,9 +46,7 @@ def snakemake(*args, cwd, timeout=3600):
 def demo_run(tmp_path_factory):
     """`snakemake --cores 2` on a fresh copy of the repository's workflow and demo config (steps cut)."""
     work = tmp_path_factory.mktemp("demo")
-    for item in ("Snakefile", "workflow", "config", "envs"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
+    copy_workflow(work)
     demo = work / "config" / "config.yaml"
     demo.write_text(yaml.safe_dump(C.deep_merge(yaml.safe_load(demo.read_text()), SUITE_STEPS), sort_keys=False))
     out = snakemake("--cores", "2", "--show-failed-logs", cwd=work)
@@ -103,6 +102,13 @@ def test_every_output_exists(demo_run):
     assert {f"train/{run}.log" for run in C.runs(config)} <= logs  # one per job
     assert {"generate/all_runs.log", "evaluate/all_runs.log", "cache_embeddings/clip.log"} <= logs
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
+
+
+def test_every_run_s_tensorboard_curves_are_its_training_log(demo_run):
+    work, _ = demo_run
+    config = C.load(work / "config" / "config.yaml")
+    for run in C.runs(config):
+        assert_curves_equal_the_log(work / "results" / "runs" / run, "train_log.jsonl")
 
 
 def test_metrics_are_numbers_or_null_with_a_reason_and_carry_provenance(demo_run):

@@ -28,9 +28,11 @@ import pytest
 import yaml
 
 import paper_fixtures as F
+from dico import config as C
+from dico.data import load_split
+from worlds import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ["Snakefile", "workflow", "config", "envs"]
 CONFIGS = ["config/paper.yaml", "config/rehearsal.yaml"]
 METRIC_KEYS = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S"]
 RUNS = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]  # paper runs; the 1-value grid adds none
@@ -74,12 +76,7 @@ def _snakemake(*args, cwd, timeout):
 
 
 def _copy_workflow(dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW:
-        src = ROOT / name
-        (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy2(src, dst / name))
-    return dst
+    return copy_workflow(dst)
 
 
 # -- fast: the overrides and the launcher ---------------------------------------------------------
@@ -104,20 +101,26 @@ def test_rehearsal_config_changes_counts_only():
 
 def test_training_rules_start_under_torchrun_with_train_processes(tmp_path):
     """Dry runs print each job's command: with train.processes 2 every training rule starts as 2
-    torchrun processes even on CPU; with the paper config alone (no slurm profile, so no GPUs per
-    job) it is plain `dico`; the profile's gpu: 2 path is tests/test_slurm.py's."""
+    torchrun processes even on CPU; with the paper config alone each training job asks for its
+    `gpus` (2) and starts one process per GPU; on a one-GPU machine (`--resources gpu=1`, what the
+    workstation profile sets there) it is one plain `dico` process under `dico gpu-run` (batches are
+    global); the SLURM path is tests/test_slurm.py's, the workstation's tests/test_workstation.py's."""
     wf = _copy_workflow(tmp_path / "wf")
     commands = {}
-    for name, configs in (("rehearsal", CONFIGS), ("paper", CONFIGS[:1])):
-        out = _snakemake("-n", "-p", "-F", "--configfile", *configs, "--cores", "2", cwd=wf, timeout=300)
+    for name, configs, limit in (("rehearsal", CONFIGS, []), ("paper", CONFIGS[:1], []),
+                                 ("one_gpu", CONFIGS[:1], ["--resources", "gpu=1"])):
+        out = _snakemake("-n", "-p", "-F", *limit, "--configfile", *configs, "--cores", "2", cwd=wf, timeout=300)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         commands[name] = [line.split("Shell command:")[-1].strip() for line in (out.stdout + out.stderr).splitlines()
                           if re.search(r"\btrain (xe|scst_|dico)", line)]
     assert len(commands["rehearsal"]) == len(RUNS), commands["rehearsal"]
     for line in commands["rehearsal"]:
         assert line.startswith("exec torchrun --standalone --nproc_per_node=2 -m dico train "), line
+    assert len(commands["paper"]) == len(commands["one_gpu"]) > 0
     for line in commands["paper"]:
-        assert line.startswith("exec dico train "), line
+        assert line.startswith("exec torchrun --standalone --nproc_per_node=2 -m dico train "), line
+    for line in commands["one_gpu"]:
+        assert line.startswith("exec dico gpu-run --gpus 1 -- dico train "), line
 
 
 # -- slow: the DAG --------------------------------------------------------------------------------
@@ -335,6 +338,28 @@ def test_tables_and_figures_are_built(rehearsal):
     for fig in ("training_curves", "tradeoff", "ablations", "qualitative"):
         assert (res / "figures" / f"{fig}.pdf").stat().st_size > 1000, fig
     assert not list(res.rglob("*.tmp")), "a temporary file survived"
+
+
+@pytest.mark.slow
+def test_dico_caption_official_gives_the_captions_evaluate_official_wrote(rehearsal):
+    """`dico caption --official` on the rehearsal's release zip, at the paper's shapes: the ViT-L/14 grids
+    computed on the fly from the test images give the captions that `evaluate_official` wrote from the
+    cached features, string for string (all of them: the same batch as generate's)."""
+    work, _, _ = rehearsal
+    config = {}
+    for name in (*CONFIGS, "config/rehearsal_urls.yaml"):  # as snakemake merges --configfile files
+        config = C.deep_merge(config, yaml.safe_load((work / name).read_text()))
+    (work / "config" / "merged.yaml").write_text(yaml.safe_dump(config))
+    records = load_split(work / "results" / "data" / "splits.json", "test")
+    wrote = {c["image_id"]: c["caption"] for c in json.loads(
+        (work / "results" / "captions" / "dico_official" / "test.json").read_text())}
+    out = subprocess.run(["dico", "caption", *(str(r.path) for r in records), "--official",
+                          config["official"]["path"], "--sha256", config["official"]["sha256"], "--config",
+                          "config/merged.yaml", "--out", "official_captions.json", "--threads", "2"],
+                         cwd=work, capture_output=True, text=True, env=_env(), timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    got = {c["image_id"]: c["caption"] for c in json.loads((work / "official_captions.json").read_text())}
+    assert got == {r.path.name: wrote[r.image_id] for r in records}
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from PIL import Image
 from dico import config as dc
 from dico.report import figures, inputs, labels, tables
 from dico.report import table as tabular
-from worlds import run_dico
+from worlds import copy_workflow, run_dico
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN_RUNS = ["xe", "scst_cider", "scst_clip_s", "scst_pac_s", "dico"]
@@ -543,10 +543,7 @@ def test_ood_target_is_listed_and_plans_the_main_runs_on_every_set(tmp_path, dem
 
 
 def test_ood_target_without_sets_says_what_to_configure(tmp_path):
-    import shutil
-
-    for item in ["Snakefile", "workflow", "config", "envs"]:
-        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, tmp_path / item)
+    copy_workflow(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-c1", "ood"], cwd=tmp_path, capture_output=True,
                           text=True, env=env, timeout=300)
@@ -557,11 +554,7 @@ def test_ood_target_without_sets_says_what_to_configure(tmp_path):
 def test_report_rules_run_and_rebuild_only_on_their_inputs(tmp_path, demo_config):
     """The rules' shell commands work, and changing one ablation's metrics or grid rebuilds only
     the targets that read them."""
-    import shutil
-
-    for item in ["Snakefile", "workflow", "config", "envs"]:
-        copy = shutil.copytree if (REPO / item).is_dir() else shutil.copy
-        copy(REPO / item, tmp_path / item)
+    copy_workflow(tmp_path)
     bin_dir = Path(sys.executable).parent  # the `dico` console script of this environment
     res = tmp_path / "results"
     for i, run in enumerate(dc.runs(demo_config)):  # everything upstream, as files

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from worlds import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ["Snakefile", "workflow", "config", "envs", "slurm"]
 GPU_RULES = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
              "generate": 1, "evaluate": 1}
 STAGES = ["prepare_splits", "cache_features", "cache_embeddings", "train_xe", "train_scst", "train_dico",
@@ -44,13 +44,7 @@ def _env(**extra):
 
 
 def _copy_workflow(dst: Path) -> Path:
-    for name in WORKFLOW:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst / name)
-    return dst
+    return copy_workflow(dst, "slurm")
 
 
 def _snakemake(*args, cwd, timeout=600, env=None):
@@ -117,6 +111,18 @@ def test_profile_plans_the_whole_paper(paper_plan):
     assert not {r for r in counts if r.endswith(("_ood", "_official")) and r not in ("prepare_ood", "table_ood")}
     assert counts["prepare_ood"] == len(sets) and counts["table_ood"] == 1
     assert {f"download_ood_{s}" for s in sets} <= downloads
+    # the tools' data: SPICE's CoreNLP jars (checked against Maven Central's .sha1) and nltk's punkt_tab;
+    # every evaluate job waits for the jars, every generate and training job for punkt_tab
+    assert {"download_spice_stanford_corenlp_3_6_0", "download_spice_stanford_corenlp_3_6_0_models",
+            "download_punkt_tab"} <= downloads, downloads
+    inputs = {r: re.findall(rf"^(?:local)?rule {r}:\n\s+input: ([^\n]*)", text, re.M)
+              for r in ("evaluate", "generate", "train_xe", "train_dico")}
+    assert all(inputs.values()) and all("resources/spice/stanford-corenlp-3.6.0-models.jar" in i
+                                        for i in inputs["evaluate"]), inputs["evaluate"][:1]
+    assert all("resources/nltk_data/tokenizers/punkt_tab" in i for r in ("generate", "train_xe", "train_dico")
+               for i in inputs[r]), inputs
+    assert any("--sha1-url https://repo1.maven.org/maven2/edu/stanford/nlp/stanford-corenlp/3.6.0/" in c
+               for c in [j["shell"] for j in jobs if j["rule"].startswith("download_spice")])
     shells = [j["shell"] for j in jobs]
     assert any("--splits results/data/ood/nocaps_val/splits.json --split nocaps_val" in c for c in shells)
     assert any(c.startswith("dico download zip") and "--member dataset_flickr30k.json" in c for c in shells)

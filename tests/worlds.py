@@ -1,8 +1,10 @@
 """What the tests share: one tiny world factory (demo images, a split file, a random tiny CLIP, and on
 request its cached features, image embeddings, a config file and XE captioners), one tiny config and
-one runner of the `dico` command line."""
+one runner of the `dico` command line, and a copy of the workflow as a user's checkout holds it."""
 import copy
 import logging
+import shutil
+from pathlib import Path
 
 import yaml
 
@@ -11,6 +13,23 @@ from dico.clip_weights import load_evaluator, save_evaluator
 from dico.data import load_split, normalise_karpathy
 from dico.demo import make_demo_data
 from dico.demo.clip import build_tiny_clip, tiny_clip_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ("Snakefile", "workflow", "config", "envs")
+
+
+def copy_workflow(dst, *extra: str) -> Path:
+    """The repository's workflow (Snakefile, rules, configs, envs, and `extra` such as a profile folder)
+    copied into `dst`, where the end-to-end tests run the real snakemake on it."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*WORKFLOW, *extra):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
 
 
 def tiny_world(root, *, n_train: int, n_val: int, n_test: int, seed: int, image_size: int = 32):

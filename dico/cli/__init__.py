@@ -22,12 +22,12 @@ import sys
 from .. import __version__
 from .. import config as C
 from ..io import InputError
-from . import data, download, evaluate, generate, models, official, report, score, train
+from . import caption, data, doctor, download, evaluate, generate, gpu, models, official, report, score, train
 
 log = logging.getLogger("dico")
 
 # the order of `dico --help`: the pipeline's stages, then the tools around it
-FAMILIES = (data, models, train, generate, evaluate, report, score, download, official)
+FAMILIES = (data, models, train, generate, evaluate, report, score, caption, download, official, gpu, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

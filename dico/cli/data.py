@@ -20,14 +20,21 @@ def cmd_make_demo_data(args):
 
 
 def cmd_prepare_splits(args):
-    """COCO's Karpathy file -> the split file; or, with --eval-set, one extra evaluation set's."""
+    """COCO's Karpathy file -> the split file; with --eval-set, one extra evaluation set's; with neither,
+    your own data set's (data.source folder of --config / --spec-json)."""
     from ..data import normalise_karpathy
 
     check_outputs(args, "out")
     if args.eval_set:
         return _prepare_eval_set(args)
+    if not (args.karpathy_json or args.image_root):
+        from ..own_data import prepare_folder
+
+        prepare_folder(step_spec(args, C.folder_spec), args.out, log=log.info)
+        return
     if not (args.karpathy_json and args.image_root):
-        raise SystemExit("give --karpathy-json and --image-root (COCO), or --eval-set NAME (evaluate.datasets)")
+        raise SystemExit("give --karpathy-json and --image-root (COCO), --eval-set NAME (evaluate.datasets), or "
+                         "neither with a config of data.source folder (your own data set)")
     counts = normalise_karpathy(args.karpathy_json, args.image_root, args.out, max_refs=args.max_refs)
     log.info("splits: %s -> %s", counts, args.out)
 
@@ -54,9 +61,12 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--out-dir", required=True, help="folder to write images/ and dataset_demo.json into")
 
-    p = command(sub, "prepare-splits", "Karpathy-format file -> normalised split file", cmd_prepare_splits,
+    p = command(sub, "prepare-splits", "Karpathy-format file or your own folder -> normalised split file",
+                cmd_prepare_splits,
                 "Write the normalised split file (train / val / test records) every later step reads, from a "
-                "Karpathy-format file and its image folder; or, with --eval-set, an extra evaluation set's.")
+                "Karpathy-format file and its image folder; with --eval-set, an extra evaluation set's; with "
+                "neither, your own data set's (data.folder of --config with data.source folder: a folder of "
+                "images and a captions file, split by a hash of each image's name, docs/own_data.md).")
     add_common(p)
     p.add_argument("--karpathy-json", help="Karpathy-format file (dataset_coco.json, or the demo's dataset_demo.json)")
     p.add_argument("--image-root", help="folder the Karpathy file's filepath/filename are relative to")

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..download import fetch, fetch_zip
+from ..download import fetch, fetch_zip, published_sha1
 from .common import check_outputs, command
 
 
 def _transfer_options(p: argparse.ArgumentParser):
     p.add_argument("--url", required=True, help="where to fetch it from (http(s); a Google Drive link works)")
     p.add_argument("--sha256", help="expected sha256 (default: the one recorded at the first download, if any)")
+    p.add_argument("--sha1-url", help="where the server publishes the file's sha1 (Maven Central: <url>.sha1); "
+                   "the download must match it too")
     p.add_argument("--retries", type=int, default=5, help="extra attempts after a network error or a bad sha256")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -20,10 +22,17 @@ def _sha(value: str | None) -> str | None:
     return None if value in (None, "", "null", "None") else value
 
 
+def _published(args, out) -> str | None:
+    """The sha1 published at --sha1-url, read only when something is to be fetched."""
+    if not args.sha1_url or (Path(out).exists() and not getattr(args, "force", False)):
+        return None
+    return published_sha1(args.sha1_url, retries=args.retries, timeout=args.timeout)
+
+
 def cmd_file(args):
     check_outputs(args, "out")
     fetch(args.url, args.out, _sha(args.sha256), retries=args.retries, timeout=args.timeout,
-          progress=not args.no_progress, force=args.force)
+          progress=not args.no_progress, force=args.force, sha1=_published(args, args.out))
 
 
 def cmd_zip(args):
@@ -34,7 +43,7 @@ def cmd_zip(args):
         check_output(Path(args.out).parent, "--out", folder=True)
     fetch_zip(args.url, args.archive, args.out, member=args.member, sha256=_sha(args.sha256),
               keep_archive=args.keep_archive, retries=args.retries, timeout=args.timeout,
-              progress=not args.no_progress)
+              progress=not args.no_progress, sha1=_published(args, args.archive))
 
 
 def register(subparsers) -> argparse.ArgumentParser:

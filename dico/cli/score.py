@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--pac", help="PAC-S model: the PAC-S checkpoint clip_ViT-B-32.pth")
     p.add_argument("--pac-arch", help="open_clip architecture of a --pac file in open_clip layout "
                                       "(ViT-L-14 for PAC-S's openClip_ViT-L-14.pth)")
-    p.add_argument("--spice-jar-dir", help="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs")
+    p.add_argument("--spice-jar-dir", help="folder with the Stanford CoreNLP 3.6.0 jars SPICE needs (`snakemake "
+                   "download_spice --cores 1 --configfile config/paper.yaml` fetches them into resources/spice)")
     p.add_argument("--correlation", metavar="FILE",
                    help="human judgements in pacscore's flickr8k.json layout: print Kendall tau-b/tau-c per metric")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")

@@ -65,6 +65,7 @@ def register(sub) -> None:
     p.add_argument("--init", help="XE checkpoint to fine-tune (scst/dico)")
     p.add_argument("--clip-model", action="append", help="NAME=PATH of a clip_models checkpoint")
     p.add_argument("--embeddings", action="append", help="NAME:SPLIT=PATH of cached image embeddings")
-    p.add_argument("--work-dir", help="resumable state (default: <out-model dir>/work)")
+    p.add_argument("--work-dir", help="resumable state (default: <out-model dir>/work); the TensorBoard "
+                   "curves go beside it, in tensorboard/")
     p.add_argument("--out-model", required=True, help="the selected checkpoint to write (results/runs/<run>/model.pt)")
     p.add_argument("--out-log", required=True, help="the training log to write (JSONL, one row per log or validation)")

@@ -4,6 +4,7 @@
     keys          the metric names and the keys of a metrics JSON, in one place
     inputs        readers of candidates and references in every accepted layout; the image folder
     coco          BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE via the Java PTB tokenizer, with per-image values
+    spice         SPICE 1.0 run with the flags Java 9+ needs (Java 15+: through SpiceRun.java, no Nashorn)
     cider         our exact, vectorised CIDEr-D (equal to pycocoevalcap's)
     clipscore     CLIP-S / PAC-S and their Ref- variants (official definitions), reward and validation forms
     diversity     vocabulary, novelty, length, distinct n-grams, repetitions, fluency

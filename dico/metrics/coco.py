@@ -15,7 +15,7 @@ from pathlib import Path
 from .cider import cider_d
 from .keys import COCO_SUITE
 
-SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+from .spice import FETCH_HINT, SPICE_JARS, run_spice
 JAVA_MISSING = ("Java not found on PATH: the PTB tokenizer and METEOR need a Java runtime; install openjdk "
                 "(apt-get install default-jre-headless, or the eval conda env which carries openjdk)")
 
@@ -98,32 +98,19 @@ def _spice_missing_reason(spice_jar_dir) -> str:
     the fix, for the log and the metrics JSON."""
     where = " or ".join(map(str, _spice_dirs(spice_jar_dir)))
     return (f"{SPICE_MISSING}; looked for {', '.join(SPICE_JARS)} in {where}; put them in a folder and set "
-            "evaluate.spice_jar_dir (dico score: --spice-jar-dir)")
+            f"evaluate.spice_jar_dir (dico score: --spice-jar-dir); {FETCH_HINT}")
 
 
-def _install_spice_jars(src: Path) -> None:
-    """spice-1.0.jar's manifest loads the CoreNLP jars from its own lib/ folder: link (or copy) them there."""
-    lib = _spice_lib()
-    for jar in SPICE_JARS:
-        if not (lib / jar).exists():
-            try:
-                os.symlink((src / jar).resolve(), lib / jar)
-            except OSError:
-                shutil.copy2(src / jar, lib / jar)
-
-
-def _spice_per_image(gts: dict, res: dict, spice_jar_dir, notes: dict) -> tuple[float | None, list | None]:
+def _spice_per_image(gts: dict, res: dict, spice_jar_dir, notes: dict,
+                     spice_cache: str | None = None) -> tuple[float | None, list | None]:
+    """SPICE through dico.metrics.spice (pycocoevalcap's scorer, run with the flags today's Java needs)."""
     jars = find_spice_jars(spice_jar_dir)
     if jars is None:
         notes["SPICE"] = _spice_missing_reason(spice_jar_dir)
         return None, None
     try:
-        _install_spice_jars(jars)
-        from pycocoevalcap.spice.spice import Spice
-
-        score, per = Spice().compute_score(gts, res)  # per: one dict per image, in sorted-id order
-        return float(score), [float(p["All"]["f"]) for p in per]
-    except Exception as e:  # e.g. Java >= 9 InaccessibleObjectException in its LMDB cache, -Xmx8G refused
+        return run_spice(gts, res, jars, spice_cache)  # per image in sorted-id order: the positions here
+    except Exception as e:  # the reason and its fix (dico.metrics.spice._explain), e.g. -Xmx8G refused
         notes["SPICE"] = f"failed: {type(e).__name__}: {e}"
         return None, None
 
@@ -158,7 +145,7 @@ def start_meteor() -> None:
 # the suite
 
 def coco_scores(refs: dict, cands: dict, scorers=COCO_SUITE,
-                spice_jar_dir: str | None = None) -> tuple[dict, dict, dict]:
+                spice_jar_dir: str | None = None, spice_cache: str | None = None) -> tuple[dict, dict, dict]:
     """refs {id: [raw str, ...]}, cands {id: raw str} -> (corpus, per_image, notes).
 
     pycocoevalcap's BLEU, METEOR, ROUGE-L and SPICE and our CIDEr-D (`dico.metrics.cider.cider_d`, equal
@@ -203,7 +190,7 @@ def coco_scores(refs: dict, cands: dict, scorers=COCO_SUITE,
         score, by_pos = cider_d(gts, res)
         corpus["CIDEr"], per["CIDEr"] = float(score), [float(by_pos[n]) for n in range(len(ids))]
     if "spice" in scorers:
-        score, scores = _spice_per_image(gts, res, spice_jar_dir, notes)
+        score, scores = _spice_per_image(gts, res, spice_jar_dir, notes, spice_cache)
         if score is not None:
             corpus["SPICE"], per["SPICE"] = score, scores
     return corpus, per, notes

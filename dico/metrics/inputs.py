@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import FORMAT as SPLIT_FORMAT
+from ..images import image_files
 from ..io import InputError, read_json
 
 log = logging.getLogger("dico")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CANDIDATE_FORMATS = ('a COCO results list [{"image_id": ..., "caption": "..."}, ...] or pacscore\'s '
                      '{"image name": "caption", ...}')
 REFERENCE_FORMATS = ('pacscore\'s {"image name": ["caption", ...]}, a COCO captions_*.json '
@@ -244,9 +244,7 @@ class ImageFolder:
         self.by_name: dict[str, list[Path]] = {}
         self.by_stem: dict[str, list[Path]] = {}
         self.by_number: dict[int, list[Path]] = {}
-        for p in sorted(self.root.rglob("*")):
-            if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
-                continue
+        for p in image_files(self.root):
             self.by_name.setdefault(p.name, []).append(p)
             self.by_stem.setdefault(p.stem, []).append(p)
             m = re.search(r"(?:^|_)(\d+)$", p.stem)  # COCO_val2014_000000391895, 000000391895

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..checkpoint import run_provenance
 from ..data import ImageRecord, load_split
 from ..embeddings import embed_images, load_embeddings, skipped_rows
+from ..gpu_slots import held as gpu_slots_held
 from ..io import InputError, Outputs, provenance
 from .coco import ptb_prefetch, require_java
 from .diversity import diversity
@@ -49,7 +50,7 @@ def score_split(captions: dict, records: list[ImageRecord], spec: dict, evaluato
     clip = {name: (evaluators[spec[key]["model"]], image_embs[spec[key]["model"]][keep], spec[key])
             for name, key in (("clip-s", "clip_s"), ("pac-s", "pac_s"))}
     corpus, _, reasons = compute(cand_list, ref_list, clip=clip, spice_jar_dir=spec.get("spice_jar_dir"),
-                                 meteor=spec["meteor"])
+                                 meteor=spec["meteor"], spice_cache=spec.get("spice_cache"))
     reasons = {k: v for k, v in reasons.items() if k in TABLE_KEYS}
     if skipped_ids:
         reasons["skipped_images"] = (f"{len(skipped_ids)} unreadable images left out of every metric "
@@ -96,7 +97,8 @@ def _evaluate_job(job, spec, evaluators, splits_json, refs, images, subset, embe
                                                       for k, v in result["metrics"].items()))
     return {"run": job["run"], "split": job["split"], "captions": str(job["captions"]), "n_images": len(records),
             **result, "provenance": provenance(spec, seed=run_prov["seed"] if run_prov else None, device=device,
-                                               wall_time_s=time.time() - t0, run_provenance=run_prov)}
+                                               wall_time_s=time.time() - t0, run_provenance=run_prov,
+                                               gpu_slots=gpu_slots_held())}  # null outside `dico gpu-run`
 
 
 def _image_embeddings(evaluator, name: str, split: str, records, embeddings: dict, skip_broken: bool, device: str,

@@ -72,6 +72,7 @@ def refuse_what_cannot_run(wanted: list[str] | None, images, clip, pac, spice_ja
     import shutil
 
     from .coco import find_spice_jars
+    from .spice import FETCH_HINT
 
     for m in wanted or []:
         family = m.removeprefix("ref")
@@ -86,7 +87,7 @@ def refuse_what_cannot_run(wanted: list[str] | None, images, clip, pac, spice_ja
                              "(apt-get install default-jre-headless)")
         elif m == "spice" and find_spice_jars(spice_jar_dir) is None:
             raise InputError("--metrics spice needs the Stanford CoreNLP 3.6.0 jars: give their folder as "
-                             "--spice-jar-dir")
+                             f"--spice-jar-dir; {FETCH_HINT} (then --spice-jar-dir resources/spice)")
 
 
 def clip_scorers(scorers: dict, images: list | None, device: str, batch_size: int, workers: int,

@@ -15,12 +15,12 @@ from .keys import CLIP_FAMILY, COCO_SUITE, METRICS
 
 
 def compute(captions: list[str], refs: list[list[str]], wanted: list[str] | None = None, clip: dict | None = None,
-            spice_jar_dir=None, meteor: bool = True) -> tuple[dict, dict, dict]:
+            spice_jar_dir=None, meteor: bool = True, spice_cache=None) -> tuple[dict, dict, dict]:
     """(corpus, per_entry, reasons) over aligned lists of candidates and their references.
 
     `wanted`: names of `keys.METRICS` (None: all). `clip` maps "clip-s" / "pac-s" to
     (evaluator, image embeddings aligned with `captions`, {"w", "prefix"}), or to the reason there is
-    none. `meteor=False`: METEOR "disabled in config". Every wanted metric that cannot run gets a
+    none. `meteor=False`: METEOR "disabled in config". `spice_cache`: SPICE's parse cache folder. Every wanted metric that cannot run gets a
     reason; metrics not wanted get "not requested (--metrics)"."""
     chosen = list(METRICS) if wanted is None else wanted
     corpus, per, reasons = {}, {}, {}
@@ -33,7 +33,8 @@ def compute(captions: list[str], refs: list[list[str]], wanted: list[str] | None
                 for k in METRICS[m]:
                     reasons[k] = "not computed: " + JAVA_MISSING
         else:
-            c, p, notes = coco_scores(dict(enumerate(refs)), dict(enumerate(captions)), coco, spice_jar_dir)
+            c, p, notes = coco_scores(dict(enumerate(refs)), dict(enumerate(captions)), coco, spice_jar_dir,
+                                      spice_cache)
             corpus.update(c)
             per.update(p)
             reasons.update(notes)  # "skipped: ..." / "failed: ..."

@@ -6,15 +6,15 @@ and back.
 
     release   reading a release (folder, archive or bare weights file) and the safety of its pickles
     mapping   its config and tensor names against ours, both ways
-    convert   release -> our checkpoint (run `dico_official`)
+    convert   release -> our checkpoint (run `dico_official`), written or in memory (`dico caption --official`)
     export    our checkpoint -> the release's layout, which runs in the `transformers` classes
 
 `convert(export(x)) == x` exactly (tests/test_official.py).
 """
-from .convert import RUN, convert
+from .convert import RUN, convert, official_payload
 from .export import export, vision_tower
 from .mapping import IGNORED, captioner_config, convert_state_dict, key_map, official_state_dict, release_config
 from .release import generation_overrides, load_release
 
 __all__ = ["IGNORED", "RUN", "captioner_config", "convert", "convert_state_dict", "export", "generation_overrides",
-           "key_map", "load_release", "official_state_dict", "release_config", "vision_tower"]
+           "key_map", "load_release", "official_payload", "official_state_dict", "release_config", "vision_tower"]

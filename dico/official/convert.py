@@ -22,9 +22,22 @@ RUN = "dico_official"
 
 def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14", sha256: str | None = None,
             trust_pickle: bool = False) -> dict:
-    """Write our captioner checkpoint (dico.train format, run `dico_official`) for the release at
+    """Write our captioner checkpoint (dico.checkpoint format, run `dico_official`) for the release at
     `src`; `backbone` is the features.backbone whose cached features it reads (CLIP ViT-L/14).
     `sha256` / `trust_pickle`: see load_release."""
+    payload = official_payload(src, backbone, sha256=sha256, trust_pickle=trust_pickle)
+    torch_save(payload, out)
+    cfg = payload["model_config"]
+    log.info("official DiCO -> %s: %.1fM parameters, d %d, %d+%d layers, %d heads, vocab %d, backbone %s %dx%d",
+             out, sum(v.numel() for v in payload["state_dict"].values()) / 1e6, cfg["d_model"], cfg["enc_layers"],
+             cfg["dec_layers"], cfg["n_heads"], cfg["vocab_size"], backbone, payload["backbone"]["tokens"],
+             cfg["feat_dim"])
+    return payload
+
+
+def official_payload(src: str | Path, backbone: str = "clip_l14", sha256: str | None = None,
+                     trust_pickle: bool = False) -> dict:
+    """The checkpoint `convert` writes, in memory (`dico caption --official` captions with it as is)."""
     sd, hf = load_release(src, sha256=sha256, trust_pickle=trust_pickle)
     for key in ("decoder.transformer.wte.weight", "encoder.vis_enc_to_enc_proj.weight"):
         require(key in sd, f"no {key} (is this a DiCO VisionEncoderDecoderModel checkpoint?)")
@@ -40,10 +53,5 @@ def convert(src: str | Path, out: str | Path, backbone: str = "clip_l14", sha256
                     "and dico's beam search does not: %s", overrides)
     spec = {"run": RUN, "method": "official", "seed": None, "source": str(src), "hf_generation": overrides,
             "hf_config": {"encoder": (hf or {}).get("encoder", {}).get("encoder"), "decoder": (hf or {}).get("decoder")}}
-    payload = captioner_payload(model.eval(), CaptionTokenizer(), {"name": backbone, "dim": cfg.feat_dim, "tokens": tokens},
-                                spec, step=None, val=None)
-    torch_save(payload, out)
-    log.info("official DiCO -> %s: %.1fM parameters, d %d, %d+%d layers, %d heads, vocab %d, backbone %s %dx%d",
-             out, model.num_parameters() / 1e6, cfg.d_model, cfg.enc_layers, cfg.dec_layers, cfg.n_heads,
-             cfg.vocab_size, backbone, tokens, cfg.feat_dim)
-    return payload
+    return captioner_payload(model.eval(), CaptionTokenizer(), {"name": backbone, "dim": cfg.feat_dim, "tokens": tokens},
+                             spec, step=None, val=None)

@@ -30,6 +30,9 @@ OOD_RUNS = dc.runs(config, all_seeds=False)
 TABLES = [L.table("main")] + [L.table(f"ablation_{a}") for a in ABLATIONS] + ([L.table("ood")] if OOD_SETS else [])
 FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
 FIGURES = [L.figure(f) for f in FIGURE_NAMES]
+# the tools' downloaded data (dico.config.tool_downloads): the jobs that run them wait for them
+SPICE_JARS = dc.tool_inputs(config, "spice")  # evaluate: SPICE's Stanford CoreNLP jars
+NLTK_INPUTS = dc.tool_inputs(config, "punkt_tab")  # generate, training validation: nltk's punkt_tab
 
 
 wildcard_constraints:
@@ -49,6 +52,26 @@ def download_args(d):
     """`dico download` arguments of a dc.downloads() entry (untracked: dico.download.Untracked)."""
     s = config["data"]["downloads"]
     return command_args(d["url"], d["sha256"], retries=s["retries"], timeout=s["timeout_s"], **d["options"])
+
+
+# GPUs: every GPU rule asks for config `gpus.<rule>` GPUs (resource `gpu`); a training job starts one
+# process per GPU. SLURM gives a job its GPUs (`--profile slurm`: sbatch --gpus). On one machine with a GPU
+# limit (`--profile workstation`, or `--resources gpu=N`) Snakemake caps each job's count at N and runs no
+# more than N GPUs' worth of jobs at once, and `dico gpu-run` gives each job its own cards (dico.gpu_slots).
+GPU_SLOTS = workflow.local_exec and not workflow.remote_exec and "gpu" in workflow.global_resources
+
+
+def gpu_resources(rule_name):
+    """`resources:` of a GPU rule: gpu=gpus.<rule> (none when 0: a CPU-only job)."""
+    n = config["gpus"][rule_name]
+    return {"gpu": n} if n else {}
+
+
+def gpu_run(wildcards, resources):
+    """`dico gpu-run --gpus K -- ` before a GPU job's command where slots are handed out, else nothing
+    (untracked: switching between profiles reruns nothing)."""
+    n = getattr(resources, "gpu", 0) if GPU_SLOTS else 0
+    return Untracked(f"dico gpu-run --gpus {n} -- " if n else "")
 
 
 def torch_launcher(wildcards, resources):
@@ -106,6 +129,7 @@ def finetune_embeddings(run):
 def finetune_inputs(wildcards):
     return {"init": L.run_model(dc.xe_run_of(config, wildcards.run)), "splits": L.splits_file(),
             "features_train": L.features_index(BACKBONE, "train"), "features_val": L.features_index(BACKBONE, "val"),
+            "nltk": NLTK_INPUTS,
             "clip_models": [clip_model_path(n) for n in dc.run_spec(config, wildcards.run)["clip_models"]],
             "embeddings": [L.embeddings_file(n, s) for n, s in finetune_embeddings(wildcards.run)]}
 
@@ -124,7 +148,7 @@ def scorer_inputs(runs, splits):
     return {"captions": [L.captions_file(r, s) for r in runs for s in splits], "model": [L.run_model(r) for r in runs],
             "splits": L.split_source(splits[0])[0], "train_splits": L.splits_file(),
             "clip_models": [clip_model_path(n) for n in EVAL_MODELS],
-            "embeddings": [L.embeddings_file(n, s) for n in EVAL_MODELS for s in splits]}
+            "embeddings": [L.embeddings_file(n, s) for n in EVAL_MODELS for s in splits], "spice": SPICE_JARS}
 
 
 def scorer_args(splits):

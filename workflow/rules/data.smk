@@ -1,6 +1,6 @@
 # Stage 1-2: the data. The demo generates images and captions in the Karpathy schema; COCO comes
-# as dataset_coco.json + images. Both end in one normalised split file; each extra evaluation set
-# (evaluate.datasets) gets one of its own.
+# as dataset_coco.json + images; your own data set as a folder of images + a captions file. All end
+# in one normalised split file; each extra evaluation set (evaluate.datasets) gets one of its own.
 
 
 rule make_demo_data:
@@ -16,24 +16,46 @@ rule make_demo_data:
         "dico make-demo-data --spec-json {params.spec:q} --out-dir $(dirname {output}) > {log} 2>&1"
 
 
-rule prepare_splits:
-    input:
-        karpathy=dc.karpathy_file(config),
-        images=coco_image_dirs(),
-    output:
-        L.splits_file(),
-    params:
-        image_root=lambda wildcards: dc.image_root(config),
-        max_refs=(
-            f"--max-refs {config['data']['max_refs']}" if config["data"]["max_refs"] else ""
-        ),
-    log:
-        L.log("prepare_splits"),
-    conda:
-        "../../envs/data.yaml"
-    shell:
-        "dico prepare-splits --karpathy-json {input.karpathy} --image-root {params.image_root}"
-        " {params.max_refs} --out {output} > {log} 2>&1"
+if config["data"]["source"] == "folder":
+
+    # Your own data set: a folder of images and a captions file, split by a hash of each image's name
+    # (dico.own_data). The folder is ancient(): its mtime moves with any file inside it; the captions
+    # file, which every added image needs a line in, is what reruns the split.
+    rule prepare_splits:
+        input:
+            captions=config["data"]["folder"]["captions"],
+            images=ancient(config["data"]["folder"]["images"]),
+        output:
+            L.splits_file(),
+        params:
+            spec=spec(dc.folder_spec(config)),
+        log:
+            L.log("prepare_splits"),
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "dico prepare-splits --spec-json {params.spec:q} --out {output} > {log} 2>&1"
+
+else:
+
+    rule prepare_splits:
+        input:
+            karpathy=dc.karpathy_file(config),
+            images=coco_image_dirs(),
+        output:
+            L.splits_file(),
+        params:
+            image_root=lambda wildcards: dc.image_root(config),
+            max_refs=(
+                f"--max-refs {config['data']['max_refs']}" if config["data"]["max_refs"] else ""
+            ),
+        log:
+            L.log("prepare_splits"),
+        conda:
+            "../../envs/data.yaml"
+        shell:
+            "dico prepare-splits --karpathy-json {input.karpathy} --image-root {params.image_root}"
+            " {params.max_refs} --out {output} > {log} 2>&1"
 
 
 # An extra evaluation set's split file, from its annotations (downloaded by download_ood_<name> when

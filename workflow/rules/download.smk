@@ -27,6 +27,14 @@ for _d in dc.downloads(config):
             "dico download {params.kind} {params.source} --out {output} > {log} 2>&1"
 
 
+if SPICE_JARS:
+
+    rule download_spice:  # `snakemake download_spice --cores 1`: SPICE's jars only (evaluate.spice_jars)
+        input:
+            SPICE_JARS,
+        localrule: True
+
+
 rule download_all:
     input:
         [d["out"] for d in dc.downloads(config)],

@@ -9,18 +9,22 @@ rule generate:
         model=L.run_model("{run}"),
         splits=lambda wc: L.split_source(wc.split)[0],
         features=L.features_index(BACKBONE, "{split}"),
+        nltk=NLTK_INPUTS,
     output:
         L.captions_file("{run}", "{split}"),
     params:
         spec=spec(dc.generate_spec(config)),
         split=split_name,
+        gpu=gpu_run,
+    resources:
+        **gpu_resources("generate"),
     threads: 1
     log:
         L.log("generate", "{run}", "{split}"),
     conda:
         "../../envs/train.yaml"
     shell:
-        "dico generate --spec-json {params.spec:q} --model {input.model} --splits {input.splits}"
+        "{params.gpu}dico generate --spec-json {params.spec:q} --model {input.model} --splits {input.splits}"
         " --split {params.split} --features {input.features} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
@@ -35,13 +39,16 @@ rule evaluate:
         models=lambda wc: scorer_args([wc.split]),
         split=split_name,
         runs=lambda wc: wc.run,
+        gpu=gpu_run,
+    resources:
+        **gpu_resources("evaluate"),
     threads: 1
     log:
         L.log("evaluate", "{run}", "{split}"),
     conda:
         "../../envs/eval.yaml"
     shell:
-        "dico evaluate --spec-json {params.spec:q} --run {params.runs} --captions {input.captions}"
+        "{params.gpu}dico evaluate --spec-json {params.spec:q} --run {params.runs} --captions {input.captions}"
         " --splits {input.splits} --split {params.split} {params.models}"
         " --model-checkpoint {input.model} --out {output} --threads {threads} > {log} 2>&1"
 
@@ -59,6 +66,7 @@ if config["evaluate"]["group_runs"]:
             model=[L.run_model(r) for r in RUNS],
             splits=L.splits_file(),
             features=[L.features_index(BACKBONE, s) for s in EVAL_SPLITS],
+            nltk=NLTK_INPUTS,
         output:
             [L.captions_file(r, s) for r in RUNS for s in EVAL_SPLITS],
         params:

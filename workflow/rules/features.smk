@@ -12,6 +12,9 @@ rule train_clip:
     params:
         spec=lambda wc: spec(dc.clip_model_spec(config, wc.name)),
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
+        gpu=gpu_run,
+    resources:
+        **gpu_resources("train_clip"),
     # clip_models.<name>.train.threads (the demo's clip: 2, the only job that can run at that point)
     threads: lambda wc: dc.clip_model_spec(config, wc.name)["train"]["threads"]
     # after XE's features (6), beside XE (10): the demo's pac (from clip) must be done when XE is
@@ -21,7 +24,7 @@ rule train_clip:
     conda:
         "../../envs/features.yaml"
     shell:
-        "dico train-clip --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
+        "{params.gpu}dico train-clip --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
         " {params.init} --out {output.model} --stats {output.stats} --threads {threads} > {log} 2>&1"
 
 
@@ -42,6 +45,9 @@ rule cache_features:
         spec=FEATURES_SPEC,
         split=split_name,
         part=lambda wc: f" --part {wc.part}{PARTS}" if PARTS else "",
+        gpu=gpu_run,
+    resources:
+        **gpu_resources("cache_features"),
     threads: 1
     # XE (10) waits for train and val; the rest (0-3) feeds nothing yet
     priority: lambda wc: 6 if wc.split in ("train", "val") else 3
@@ -50,7 +56,7 @@ rule cache_features:
     conda:
         "../../envs/features.yaml"
     shell:
-        "dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {params.split}"
+        "{params.gpu}dico cache-features --spec-json {params.spec:q} --splits {input.splits} --split {params.split}"
         " --checkpoint {input.checkpoint}{params.part} --out-dir $(dirname {output}) --threads {threads} > {log} 2>&1"
 
 
@@ -93,13 +99,16 @@ rule cache_embeddings:
     params:
         spec=EMBEDDINGS_SPEC,
         split=split_name,
+        gpu=gpu_run,
+    resources:
+        **gpu_resources("cache_embeddings"),
     threads: 1
     log:
         L.log("cache_embeddings", "{name}", "{split}"),
     conda:
         "../../envs/features.yaml"
     shell:
-        "dico cache-embeddings --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
+        "{params.gpu}dico cache-embeddings --spec-json {params.spec:q} --name {wildcards.name} --splits {input.splits}"
         " --split {params.split} --checkpoint {input.checkpoint} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
