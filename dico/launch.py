@@ -1,9 +1,53 @@
-"""How a training job starts: one `dico` process, or torchrun with one process per GPU.
+"""How a job starts: its GPUs, one `dico` process or torchrun with one process per GPU, and on one
+machine the `dico gpu-run` that gives it its own cards.
 
-The workflow's training rules take their command and threads from here (`train.processes` of the
-config, else the job's GPU count, `resources.gpu` of the SLURM profile). Batches are global, so the
-result does not depend on the process count.
+Every GPU rule asks for `gpus.<rule>` of the config as resource `gpu` (`resources`). SLURM gives a job
+its GPUs (`--profile slurm`: sbatch --gpus). On one machine with a GPU limit (`--profile workstation`,
+or `--resources gpu=N`) Snakemake caps each job's count at N and runs no more than N GPUs' worth of jobs
+at once, and `gpu_run` puts `dico gpu-run` in front of the command, which gives each job its own cards
+(dico.gpu_slots). The training rules take their command and threads from here (`train.processes` of
+the config, else the job's GPU count). Batches are global, so the result does not depend on the
+process count.
 """
+
+
+def resources(config: dict, rule: str) -> dict:
+    """`resources:` of a GPU rule: gpu=gpus.<rule> (none when 0: a CPU-only job)."""
+    n = config["gpus"][rule]
+    return {"gpu": n} if n else {}
+
+
+def gpu_run(gpus: int | None, slots: bool) -> str:
+    """`dico gpu-run --gpus K -- ` before a GPU job's command where slots are handed out (`slots`: a
+    local run with a GPU limit), else nothing."""
+    return f"dico gpu-run --gpus {gpus} -- " if slots and gpus else ""
+
+
+def gpu_params(slots: bool) -> dict:
+    """`params:` of a GPU rule's jobs (Snakemake calls each with the job's resources): `gpu`, the
+    `gpu_run` prefix of its command, untracked (switching between profiles reruns nothing)."""
+    from .download import Untracked
+
+    def gpu(wildcards, resources):
+        """`dico gpu-run --gpus K -- `, or nothing."""
+        return Untracked(gpu_run(getattr(resources, "gpu", 0), slots))
+
+    return {"gpu": gpu}
+
+
+def training_params(config: dict, slots: bool) -> dict:
+    """`params:` of a training rule's jobs: `gpu` (gpu_params), `launch` (`command`) and `threads`
+    (`threads_per_process`), from train.processes and the job's GPUs."""
+    configured = config["train"]["processes"]
+
+    def launch(wildcards, resources):
+        """`dico`, or `torchrun --standalone --nproc_per_node=N -m dico`."""
+        return command(configured, getattr(resources, "gpu", 0))
+
+    def threads(wildcards, threads, resources):
+        return threads_per_process(configured, getattr(resources, "gpu", 0), threads)
+
+    return {**gpu_params(slots), "launch": launch, "threads": threads}
 
 
 def processes(configured: int | None, gpus: int | None) -> int:

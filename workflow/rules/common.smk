@@ -30,9 +30,8 @@ OOD_RUNS = dc.runs(config, all_seeds=False)
 TABLES = [L.table("main")] + [L.table(f"ablation_{a}") for a in ABLATIONS] + ([L.table("ood")] if OOD_SETS else [])
 FIGURE_NAMES = ["training_curves", "tradeoff", "ablations", "qualitative"]
 FIGURES = [L.figure(f) for f in FIGURE_NAMES]
-# the tools' downloaded data (dico.config.tool_downloads): the jobs that run them wait for them
-SPICE_JARS = dc.tool_inputs(config, "spice")  # evaluate: SPICE's Stanford CoreNLP jars
-NLTK_INPUTS = dc.tool_inputs(config, "punkt_tab")  # generate, training validation: nltk's punkt_tab
+# the tools' downloads (dico.config.tool_downloads): SPICE's jars for evaluate, nltk's punkt_tab for generate
+SPICE_JARS, NLTK_INPUTS = dc.tool_inputs(config, "spice"), dc.tool_inputs(config, "punkt_tab")
 
 
 wildcard_constraints:
@@ -54,33 +53,8 @@ def download_args(d):
     return command_args(d["url"], d["sha256"], retries=s["retries"], timeout=s["timeout_s"], **d["options"])
 
 
-# GPUs: every GPU rule asks for config `gpus.<rule>` GPUs (resource `gpu`); a training job starts one
-# process per GPU. SLURM gives a job its GPUs (`--profile slurm`: sbatch --gpus). On one machine with a GPU
-# limit (`--profile workstation`, or `--resources gpu=N`) Snakemake caps each job's count at N and runs no
-# more than N GPUs' worth of jobs at once, and `dico gpu-run` gives each job its own cards (dico.gpu_slots).
+# `dico gpu-run` (dico.launch.gpu_params) where a local run has a GPU limit (--profile workstation, --resources gpu=N)
 GPU_SLOTS = workflow.local_exec and not workflow.remote_exec and "gpu" in workflow.global_resources
-
-
-def gpu_resources(rule_name):
-    """`resources:` of a GPU rule: gpu=gpus.<rule> (none when 0: a CPU-only job)."""
-    n = config["gpus"][rule_name]
-    return {"gpu": n} if n else {}
-
-
-def gpu_run(wildcards, resources):
-    """`dico gpu-run --gpus K -- ` before a GPU job's command where slots are handed out, else nothing
-    (untracked: switching between profiles reruns nothing)."""
-    n = getattr(resources, "gpu", 0) if GPU_SLOTS else 0
-    return Untracked(f"dico gpu-run --gpus {n} -- " if n else "")
-
-
-def torch_launcher(wildcards, resources):
-    """`dico`, or torchrun with train.processes / the job's GPUs as processes (dico.launch)."""
-    return launch.command(config["train"]["processes"], getattr(resources, "gpu", 0))
-
-
-def threads_per_process(wildcards, threads, resources):  # `--threads` of each of the job's processes
-    return launch.threads_per_process(config["train"]["processes"], getattr(resources, "gpu", 0), threads)
 
 
 def clip_model_path(name):

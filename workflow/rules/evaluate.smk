@@ -15,9 +15,9 @@ rule generate:
     params:
         spec=spec(dc.generate_spec(config)),
         split=split_name,
-        gpu=gpu_run,
+        **launch.gpu_params(GPU_SLOTS),
     resources:
-        **gpu_resources("generate"),
+        **launch.resources(config, "generate"),
     threads: 1
     log:
         L.log("generate", "{run}", "{split}"),
@@ -39,9 +39,9 @@ rule evaluate:
         models=lambda wc: scorer_args([wc.split]),
         split=split_name,
         runs=lambda wc: wc.run,
-        gpu=gpu_run,
+        **launch.gpu_params(GPU_SLOTS),
     resources:
-        **gpu_resources("evaluate"),
+        **launch.resources(config, "evaluate"),
     threads: 1
     log:
         L.log("evaluate", "{run}", "{split}"),

@@ -12,9 +12,9 @@ rule train_clip:
     params:
         spec=lambda wc: spec(dc.clip_model_spec(config, wc.name)),
         init=lambda wc, input: f"--init {input.init}" if "init" in input.keys() else "",
-        gpu=gpu_run,
+        **launch.gpu_params(GPU_SLOTS),
     resources:
-        **gpu_resources("train_clip"),
+        **launch.resources(config, "train_clip"),
     # clip_models.<name>.train.threads (the demo's clip: 2, the only job that can run at that point)
     threads: lambda wc: dc.clip_model_spec(config, wc.name)["train"]["threads"]
     # after XE's features (6), beside XE (10): the demo's pac (from clip) must be done when XE is
@@ -45,9 +45,9 @@ rule cache_features:
         spec=FEATURES_SPEC,
         split=split_name,
         part=lambda wc: f" --part {wc.part}{PARTS}" if PARTS else "",
-        gpu=gpu_run,
+        **launch.gpu_params(GPU_SLOTS),
     resources:
-        **gpu_resources("cache_features"),
+        **launch.resources(config, "cache_features"),
     threads: 1
     # XE (10) waits for train and val; the rest (0-3) feeds nothing yet
     priority: lambda wc: 6 if wc.split in ("train", "val") else 3
@@ -99,9 +99,9 @@ rule cache_embeddings:
     params:
         spec=EMBEDDINGS_SPEC,
         split=split_name,
-        gpu=gpu_run,
+        **launch.gpu_params(GPU_SLOTS),
     resources:
-        **gpu_resources("cache_embeddings"),
+        **launch.resources(config, "cache_embeddings"),
     threads: 1
     log:
         L.log("cache_embeddings", "{name}", "{split}"),

@@ -21,11 +21,9 @@ rule train_xe:
         run=r"xe(_seed\d+)?",
     params:
         spec=lambda wc: spec(dc.run_spec(config, wc.run)),
-        launch=torch_launcher,
-        threads=threads_per_process,
-        gpu=gpu_run,
+        **launch.training_params(config, GPU_SLOTS),
     resources:
-        **gpu_resources("train_xe"),
+        **launch.resources(config, "train_xe"),
     # 1 thread: the demo's XE ran 1.2x faster on 2 threads than on 1 (bench/RESULTS.md), and on a small
     # machine the other core trains the second CLIP stand-in meanwhile; the slurm profile sets its own.
     threads: 1
@@ -52,11 +50,9 @@ rule train_scst:
     params:
         spec=lambda wc: spec(dc.run_spec(config, wc.run)),
         models=finetune_args,
-        launch=torch_launcher,
-        threads=threads_per_process,
-        gpu=gpu_run,
+        **launch.training_params(config, GPU_SLOTS),
     resources:
-        **gpu_resources("train_scst"),
+        **launch.resources(config, "train_scst"),
     threads: 1
     log:
         L.log("train", "{run}"),
@@ -70,7 +66,7 @@ rule train_scst:
 
 use rule train_scst as train_dico with:
     resources:
-        **gpu_resources("train_dico"),
+        **launch.resources(config, "train_dico"),
     wildcard_constraints:
         run=r"dico(_[a-z]+-[^/]+)?(_seed\d+)?",
     # the longer runs first (DiCO also runs the frozen reference): on a small machine the run left to
