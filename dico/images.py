@@ -10,8 +10,10 @@ a traceback) or, where asked to, skip and count it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 # the image files a folder search picks up (any case: IMG_001.JPG too)
@@ -56,9 +58,11 @@ def load_image(path: str | Path, split: str | None = None, draft_size: int | Non
         raise ValueError(f"image {path}{where} cannot be decoded ({e}); {hint}") from None
 
 
-class ImageFiles(torch.utils.data.Dataset):
+class ImageFiles:
     """Item i: (pixels [3, size, size], i, error): `preprocess` of image i and None, or zeros and the
-    error (from `load_image`: it names the file) that kept it from decoding. Batch with `collate`."""
+    error (from `load_image`: it names the file) that kept it from decoding. Batch with `collate`.
+    A map-style dataset for torch's DataLoader (which needs only __len__ and __getitem__): torch is
+    imported where it is used, so the folder search above serves the data step, whose env has no torch."""
 
     def __init__(self, paths, preprocess, size: int, split: str | None = None, draft_size: int | None = None,
                  hint: str = PIPELINE_HINT):
@@ -72,12 +76,16 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return self.preprocess(load_image(self.paths[i], self.split, self.draft_size, self.hint)), i, None
         except (OSError, ValueError) as e:
+            import torch
+
             return torch.zeros(3, self.size, self.size), i, e
 
 
 def collate(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """`ImageFiles` items -> (pixels [B, 3, S, S], decoded? [B] bool, indices [B], errors: None or the
     exception of each item)."""
+    import torch
+
     errors = [e for _, _, e in items]
     return (torch.stack([x for x, _, _ in items]), torch.tensor([e is None for e in errors]),
             torch.tensor([i for _, i, _ in items]), errors)

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import FORMAT, SPLITS
+from .images import is_image_file
 from .io import InputError, read_json, write_json
 
 CAPTION_FORMATS = (".csv", ".json", ".jsonl")
-# = dico.images.IMAGE_EXTENSIONS (a test holds them equal): that module imports torch, which the data
-# step's environment (envs/data.yaml) does not have
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_SALT = "dico-own-data-v1:"
 MAX_LISTED = 20  # problems listed in one error (the count of the rest follows)
 
@@ -87,8 +85,7 @@ def scan_images(folder: str | Path, problems: Problems) -> dict[str, str]:
     folded: dict[str, str] = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if any(p.startswith(".") for p in rel.split("/")) or path.suffix.lower() not in IMAGE_EXTENSIONS \
-                or not path.is_file():
+        if any(p.startswith(".") for p in rel.split("/")) or not is_image_file(path):
             continue
         key = image_key(rel)
         other = found.get(key) or folded.get(key.casefold())

@@ -270,11 +270,21 @@ def test_the_config_names_what_a_folder_data_set_misses(tmp_path):
     assert C.folder_spec(ok)["val"] == 0.05 and C.clip_model_spec(ok, "clip")["image_size"] == 48
 
 
-def test_the_image_extensions_are_those_of_the_folder_search():
-    from dico.images import IMAGE_EXTENSIONS
-    from dico.own_data import IMAGE_EXTENSIONS as OWN
+def test_the_folder_is_searched_by_the_pipeline_s_image_finder_without_torch(tmp_path):
+    """dico.own_data lists images with dico.images' one finder (its extensions, any letter case), and the
+    data step, whose env (envs/data.yaml) has no torch, imports it without torch."""
+    import subprocess
+    import sys
 
-    assert OWN == IMAGE_EXTENSIONS
+    from dico.images import IMAGE_EXTENSIONS
+    from dico.own_data import Problems, scan_images
+
+    for ext in IMAGE_EXTENSIONS + (".txt",):
+        (tmp_path / f"a{ext.upper()}").write_bytes(b"")
+    assert sorted(scan_images(tmp_path, Problems())) == sorted(f"a{e.upper()}" for e in IMAGE_EXTENSIONS)
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import dico.own_data"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_names_are_matched_and_hashed_in_one_unicode_form(data):
