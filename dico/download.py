@@ -34,7 +34,7 @@ from urllib.error import HTTPError
 from urllib.parse import urlencode, urljoin
 from urllib.request import HTTPCookieProcessor, Request, build_opener
 
-from .io import atomic_path, sha256_file
+from .io import atomic_path, file_digests
 
 log = logging.getLogger("dico")
 
@@ -223,16 +223,6 @@ def published_sha1(url: str, *, retries: int = 5, timeout: float = 60.0, backoff
                         "file's sha256 in the config instead")
 
 
-def _sha1_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fail(url: str, dest: Path, what: str) -> DownloadError:
     return DownloadError(f"download of {url} failed: {what}. Download it by hand and put it at {dest}")
 
@@ -275,12 +265,13 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None = None, *, retri
         except (OSError, http.client.HTTPException) as e:  # reset, timeout, refused, truncated chunk
             last = f"{type(e).__name__}: {e}"
             continue
-        digest = sha256_file(part)
+        digests = file_digests(part, "sha256", *(["sha1"] if sha1 else []))  # one read for both
+        digest = digests["sha256"]
         if expected and digest != expected:
             part.unlink()
             last = f"sha256 mismatch (got {digest}, expected {expected}); the file was deleted"
             continue
-        if sha1 and (got := _sha1_file(part)) != sha1.lower():
+        if sha1 and (got := digests["sha1"]) != sha1.lower():
             part.unlink()
             last = f"sha1 mismatch with the published checksum (got {got}, expected {sha1}); the file was deleted"
             continue
