@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from worlds import copy_workflow
+from worlds import copy_workflow, dry_run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RULES = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
@@ -52,20 +52,6 @@ def _snakemake(*args, cwd, timeout=600, env=None):
                           timeout=timeout, env=env or _env())
 
 
-def _jobs(text: str) -> list[dict]:
-    """Per planned job of a dry run: rule, resources (name -> value) and the shell command."""
-    jobs = []
-    for block in re.split(r"\n(?=\[[A-Z][a-z]{2} [A-Z][a-z]{2} )", text):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        if not rule:
-            continue
-        res = re.search(r"^\s+resources: (.*)$", block, re.M)
-        resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
-        shell = re.search(r"^Shell command: (.*)$", block, re.M)
-        jobs.append({"rule": rule.group(1), "resources": resources, "shell": shell.group(1) if shell else ""})
-    return jobs
-
-
 # -- (a) the paper's plan ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def paper_plan(tmp_path_factory):
@@ -83,7 +69,7 @@ def paper_plan(tmp_path_factory):
 def test_profile_plans_the_whole_paper(paper_plan):
     _, text = paper_plan
     assert "config/paper.yaml" in text  # the profile selected the paper
-    jobs = _jobs(text)
+    jobs = dry_run_jobs(text)
     counts = Counter(j["rule"] for j in jobs)
     stats = dict((r, int(n)) for r, n in re.findall(r"^(\w+)\s+(\d+)$", text.split("Job stats:")[1], re.M))
     assert sum(counts.values()) == stats["total"], (counts, stats)
@@ -138,7 +124,7 @@ def test_the_paper_plan_trains_the_paper_model(paper_plan):
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     expected = {k: v["default"] for k, v in schema["properties"]["model"]["properties"].items() if "default" in v}
     expected.update(paper.get("model") or {})
-    xe = next(j for j in _jobs(text) if j["rule"] == "train_xe")
+    xe = next(j for j in dry_run_jobs(text) if j["rule"] == "train_xe")
     spec = json.loads(shlex.split(xe["shell"].split("--spec-json ", 1)[1])[0])
     assert spec["model"] == expected, f"train_xe model {spec['model']} != paper {expected}"
     assert spec["device"] == "cuda" and spec["xe"]["steps"] == paper["xe"]["steps"]
@@ -146,7 +132,7 @@ def test_the_paper_plan_trains_the_paper_model(paper_plan):
 
 def test_gpu_jobs_ask_for_gpus_and_multi_gpu_jobs_use_torchrun(paper_plan):
     _, text = paper_plan
-    jobs = _jobs(text)
+    jobs = dry_run_jobs(text)
     seen = set()
     for job in jobs:
         rule, res = job["rule"], job["resources"]
@@ -173,7 +159,7 @@ def test_features_jobs_scatter_each_split_over_gpu_jobs(tmp_path_factory, paper_
     out = _snakemake("-n", "--profile", "slurm", "--configfile", "config/paper.yaml", str(extra), cwd=root,
                      env=_env(DICO_CONDA="auto"))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    jobs = _jobs(out.stdout + out.stderr)
+    jobs = dry_run_jobs(out.stdout + out.stderr)
     splits = {"train", "val", "test", "nocaps_val", "flickr30k_test"}
     parts = [j for j in jobs if j["rule"] == "cache_features"]
     got = sorted((re.search(r"--split (\S+)", j["shell"]).group(1), re.search(r"--part (\d+) --parts 4", j["shell"]).group(1))
@@ -192,9 +178,9 @@ def test_the_released_checkpoint_and_the_extra_sets_get_the_gpus_of_their_rules(
     root, text = paper_plan
     out = _snakemake("-n", "--profile", "slurm", "evaluate_official", cwd=root, env=_env(DICO_CONDA="auto"))
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    official = [j for j in _jobs(out.stdout + out.stderr) if "results/runs/dico_official/model.pt" in j["shell"]
+    official = [j for j in dry_run_jobs(out.stdout + out.stderr) if "results/runs/dico_official/model.pt" in j["shell"]
                 and j["rule"] in ("generate", "evaluate")]
-    ood = [j for j in _jobs(text) if j["rule"] in ("generate", "evaluate") and "/ood/" in j["shell"]]
+    ood = [j for j in dry_run_jobs(text) if j["rule"] in ("generate", "evaluate") and "/ood/" in j["shell"]]
     assert len(official) == 4 and len(ood) > 0
     for job in official + ood:
         res = job["resources"]

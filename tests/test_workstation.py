@@ -27,7 +27,7 @@ import yaml
 from dico import gpu_slots
 from dico.data import load_split
 from own_data import export_demo_as_folder
-from worlds import copy_workflow
+from worlds import copy_workflow, dry_run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_GPUS = {"cache_features": 1, "cache_embeddings": 1, "train_xe": 2, "train_scst": 2, "train_dico": 2,
@@ -183,15 +183,8 @@ def _copy_workflow(dst: Path) -> Path:
 
 def _planned(text: str) -> list[dict]:
     """Per job of a dry run (-p): rule, resource gpu (None without) and command."""
-    jobs = []
-    for block in re.split(r"\n(?=\[[A-Z][a-z]{2} [A-Z][a-z]{2} )", text):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        if rule:
-            gpu = re.search(r"^\s+resources: .*\bgpu=(\d+)", block, re.M)
-            shell = re.search(r"^Shell command: (.*)$", block, re.M)
-            jobs.append({"rule": rule.group(1), "gpu": int(gpu.group(1)) if gpu else None,
-                         "shell": shell.group(1) if shell else ""})
-    return jobs
+    return [{**job, "gpu": int(job["resources"]["gpu"]) if "gpu" in job["resources"] else None}
+            for job in dry_run_jobs(text)]
 
 
 @pytest.mark.parametrize("machine", [3, 1])

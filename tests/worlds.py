@@ -3,6 +3,7 @@ request its cached features, image embeddings, a config file and XE captioners),
 one runner of the `dico` command line, and a copy of the workflow as a user's checkout holds it."""
 import copy
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -128,3 +129,17 @@ TINY_CONFIG = {
     "evaluate": {"splits": ["test"], "meteor": False, "clip_s": {"model": "clip"}, "pac_s": {"model": "clip"}},
     "report": {"reported": None},
 }
+
+
+def dry_run_jobs(text: str) -> list[dict]:
+    """Per planned job of `snakemake -n -p` output: rule, resources (name -> value) and the shell command."""
+    jobs = []
+    for block in re.split(r"\n(?=\[[A-Z][a-z]{2} [A-Z][a-z]{2} )", text):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if not rule:
+            continue
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        jobs.append({"rule": rule.group(1), "resources": resources, "shell": shell.group(1) if shell else ""})
+    return jobs
